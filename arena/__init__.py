@@ -1,0 +1,1 @@
+"""Glue of rlhf-arena: the settings object, the `arena` CLI, the launcher, model preparation."""

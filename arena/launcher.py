@@ -1,0 +1,214 @@
+"""`arena up`: start the whole stack in order, health-check each process, stream their logs,
+and stop everything (whole process groups, no orphans) on Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import redis
+from rich.console import Console
+
+from arena.redis_server import redis_server_command
+from arena.settings import Settings
+from arena.vllm_server import vllm_command
+
+STOP_GRACE_S = 8.0
+LOG_TAIL_LINES = 40
+HEALTH_POLL_S = 0.25
+PREFIX_COLOURS = {"redis": "red", "vllm": "magenta", "gateway": "cyan", "worker": "yellow",
+                  "consumers": "green"}
+
+
+class StartupError(RuntimeError):
+    pass
+
+
+@dataclass
+class ManagedProcess:
+    """One child process: its command, how to tell it is ready, and the tail of its log."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    is_ready: Callable[[], bool]
+    start_timeout_s: float = 60.0
+    proc: subprocess.Popen | None = None
+    tail: deque[str] = field(default_factory=lambda: deque(maxlen=LOG_TAIL_LINES))
+
+    def start(self, logs_dir: Path, console: Console) -> None:
+        logs_dir.mkdir(parents=True, exist_ok=True)
+        # A new session = a new process group: stopping it also stops grandchildren
+        # (vLLM's engine core, Celery's pool).
+        self.proc = subprocess.Popen(
+            self.argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True, text=True, bufsize=1,
+        )
+        log_file = (logs_dir / f"{self.name}.log").open("a", encoding="utf-8")
+        threading.Thread(target=self._pump, args=(log_file, console), daemon=True).start()
+
+    def _pump(self, log_file, console: Console) -> None:
+        colour = PREFIX_COLOURS.get(self.name, "white")
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            line = line.rstrip("\n")
+            self.tail.append(line)
+            log_file.write(line + "\n")
+            log_file.flush()
+            console.print(f"[{colour}]{self.name:>9} |[/] {line}", markup=True, highlight=False,
+                          soft_wrap=True)
+        log_file.close()
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + self.start_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise StartupError(f"{self.name} exited with code {self.proc.returncode} at start")
+            try:
+                if self.is_ready():
+                    return
+            except Exception:  # noqa: BLE001 - not up yet
+                pass
+            time.sleep(HEALTH_POLL_S)
+        raise StartupError(f"{self.name} did not become ready within {self.start_timeout_s:.0f}s")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            self.proc.wait(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        # Whatever the leader left in its group (e.g. a stuck engine process) goes too.
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _http_ok(url: str) -> Callable[[], bool]:
+    return lambda: httpx.get(url, timeout=2.0).status_code == 200
+
+
+def _redis_ok(url: str) -> Callable[[], bool]:
+    return lambda: bool(redis.Redis.from_url(url, socket_timeout=1).ping())
+
+
+def _worker_ok(settings: Settings) -> Callable[[], bool]:
+    def check() -> bool:
+        from learner.celery_app import make_celery
+
+        return bool(make_celery(settings).control.ping(timeout=1.0))
+
+    return check
+
+
+def child_env(settings: Settings) -> dict[str, str]:
+    """Children build their own Settings from the environment: pass the effective values
+    explicitly so they all agree with the launcher (e.g. the Redis URL it chose)."""
+    env = dict(os.environ)
+    env["ARENA_DATA_DIR"] = str(settings.data_dir.resolve())
+    env["ARENA_REDIS_URL"] = settings.effective_redis_url
+    env["ARENA_BASE_MODEL"] = str(settings.base_model_path.resolve())
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def plan_processes(settings: Settings) -> list[ManagedProcess]:
+    env = child_env(settings)
+    redis_url = settings.effective_redis_url
+    processes: list[ManagedProcess] = []
+    if settings.redis_url is None:
+        argv = redis_server_command(
+            settings.redis_port, settings.data_dir / "redis", settings.redis_appendfsync
+        )
+        processes.append(ManagedProcess("redis", argv, env, _redis_ok(redis_url), 15))
+    if not settings.vllm_urls:
+        argv, vllm_env = vllm_command(settings, settings.base_model_path, settings.vllm_port)
+        vllm_env.update({k: v for k, v in env.items() if k.startswith("ARENA_")})
+        processes.append(
+            ManagedProcess("vllm", argv, vllm_env,
+                           _http_ok(f"http://127.0.0.1:{settings.vllm_port}/health"),
+                           settings.vllm_start_timeout_s)
+        )
+    python = sys.executable
+    processes.append(ManagedProcess(
+        "gateway",
+        [python, "-m", "uvicorn", "serve.app:create_app", "--factory", "--host",
+         settings.gateway_host, "--port", str(settings.gateway_port), "--no-access-log"],
+        env, _http_ok(f"{settings.gateway_url}/livez"), 60,
+    ))
+    worker_env = dict(env)
+    processes.append(ManagedProcess(
+        "worker",
+        [python, "-m", "celery", "-A", "learner.celery_app:app", "worker", "--concurrency", "1",
+         "--loglevel", "INFO", "--without-gossip", "--without-mingle", "-n", "learner@%h"],
+        worker_env, _worker_ok(settings), 90,
+    ))
+    processes.append(ManagedProcess(
+        "consumers", [python, "-m", "arena.cli", "consumers"], env, lambda: True, 5,
+    ))
+    return processes
+
+
+def run_stack(settings: Settings, console: Console) -> int:
+    processes = plan_processes(settings)
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    started: list[ManagedProcess] = []
+    try:
+        for process in processes:
+            if stopping.is_set():
+                return 130
+            console.print(f"[bold]starting {process.name}[/] …")
+            t0 = time.monotonic()
+            process.start(settings.logs_dir, console)
+            started.append(process)
+            process.wait_ready()
+            console.print(f"[bold green]{process.name} ready[/] in {time.monotonic() - t0:.1f}s")
+        console.print(f"\n[bold green]rlhf-arena is up:[/] {settings.gateway_url}\n"
+                      f"  chat UI {settings.gateway_url}/   API {settings.gateway_url}/v1\n"
+                      "  Ctrl-C stops everything.\n")
+        while not stopping.wait(0.5):
+            for process in started:
+                if process.proc is not None and process.proc.poll() is not None:
+                    console.print(f"[bold red]{process.name} exited[/] "
+                                  f"(code {process.proc.returncode}); stopping the stack")
+                    _print_tail(console, process)
+                    return 1
+        return 0
+    except StartupError as error:
+        console.print(f"[bold red]start-up failed:[/] {error}")
+        _print_tail(console, started[-1])
+        return 1
+    finally:
+        console.print("[bold]stopping[/] …")
+        for process in reversed(started):
+            process.stop()
+        console.print("[bold]all processes stopped[/]")
+
+
+def _print_tail(console: Console, process: ManagedProcess) -> None:
+    console.print(f"[bold]last lines of {process.name}'s log[/] "
+                  f"(full log: logs/{process.name}.log):")
+    for line in process.tail:
+        console.print(f"  {line}", markup=False, highlight=False)

@@ -1,0 +1,137 @@
+"""The one typed settings object of rlhf-arena.
+
+Every process builds it once (`Settings()` reads `ARENA_*` variables and an optional `.env`)
+and passes it down; nothing deeper reads the environment. Paths that default to places
+inside the data dir are resolved by the `*_path` / `*_url` properties, so changing
+`ARENA_DATA_DIR` moves everything at once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SECRET_FIELDS = ("admin_token", "session_secret")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="ARENA_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    # --- where things live -------------------------------------------------------------
+    data_dir: Path = Field(Path("./var"), description="Models, versions, logs, Redis AOF, archive.")
+    base_model: Path | None = Field(
+        None, description="Local HF folder of the frozen base model (default <data dir>/models/base)."
+    )
+
+    # --- Redis ---------------------------------------------------------------------------
+    redis_url: str | None = Field(
+        None, description="Use this Redis; unset = the launcher runs its own with AOF in the data dir."
+    )
+    redis_port: int = Field(6390, description="Port of the Redis the launcher runs itself.")
+    redis_appendfsync: Literal["always", "everysec", "no"] = Field(
+        "always", description="AOF fsync policy of our own Redis (always = no accepted vote lost)."
+    )
+
+    # --- gateway -------------------------------------------------------------------------
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = 8000
+    admin_token: SecretStr | None = Field(
+        None, description="Bearer token for operator actions (generated into the data dir if unset)."
+    )
+    session_secret: SecretStr | None = Field(
+        None, description="Key that signs the arena_session cookie (generated if unset)."
+    )
+    request_timeout_s: float = Field(300.0, description="Upper bound on one upstream generation.")
+
+    # --- serve: battles, rate limits ---------------------------------------------------
+    battle_ttl_s: int = Field(24 * 3600, description="How long a battle can be voted on.")
+    battle_max_tokens: int = Field(256, description="Default answer length in a battle.")
+    battle_temperature: float = 0.8
+    rate_chat_per_session: int = Field(120, description="Chat requests/minute/session (0 = off).")
+    rate_chat_per_ip: int = Field(1200, description="Chat requests/minute/IP (0 = off).")
+    rate_battle_per_session: int = 60
+    rate_battle_per_ip: int = 600
+    rate_vote_per_session: int = 120
+    rate_vote_per_ip: int = 6000
+    chats_stream_maxlen: int = Field(1_000_000, description="Chat turns kept in the stream.")
+    worker_check_interval_s: float = Field(10.0, description="How often /healthz pings Celery.")
+
+    # --- vLLM ----------------------------------------------------------------------------
+    vllm_port: int = 8100
+    vllm_urls: list[str] = Field(
+        default_factory=list,
+        description="Base URLs of vLLM replicas (JSON list); empty = the one the launcher starts.",
+    )
+    vllm_dtype: str = "bfloat16"
+    vllm_kvcache_gib: int = Field(2, description="VLLM_CPU_KVCACHE_SPACE for the CPU build.")
+    vllm_max_model_len: int = 2048
+    vllm_max_lora_rank: int = 16
+    vllm_max_loras: int = 4
+    vllm_extra_args: list[str] = Field(default_factory=list)
+    vllm_start_timeout_s: float = 300.0
+
+    # --- archive -------------------------------------------------------------------------
+    archive_url: str | None = Field(
+        None, description="SQLAlchemy URL of the preference archive (default SQLite in data dir)."
+    )
+    archive_chats: bool = Field(True, description="Archive prompts users send (feeds prompt pool).")
+
+    # --- learner -------------------------------------------------------------------------
+    learner_preset: Literal["tiny", "cpu", "gpu"] = "cpu"
+    learner_threads: int = Field(1, description="torch threads for training (leave cores to serving).")
+    learner_nice: int = Field(10, description="Niceness of the training worker process.")
+
+    @property
+    def base_model_path(self) -> Path:
+        return self.base_model if self.base_model is not None else self.data_dir / "models" / "base"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+    @property
+    def versions_dir(self) -> Path:
+        return self.data_dir / "versions"
+
+    @property
+    def own_redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.redis_port}/0"
+
+    @property
+    def effective_redis_url(self) -> str:
+        return self.redis_url or self.own_redis_url
+
+    @property
+    def effective_vllm_urls(self) -> list[str]:
+        return self.vllm_urls or [f"http://127.0.0.1:{self.vllm_port}"]
+
+    @property
+    def effective_archive_url(self) -> str:
+        if self.archive_url:
+            return self.archive_url
+        return f"sqlite:///{(self.data_dir / 'archive.db').resolve()}"
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://{self.gateway_host}:{self.gateway_port}"
+
+    def redacted(self) -> dict[str, object]:
+        """Effective settings for display: secrets hidden, derived paths filled in."""
+        shown: dict[str, object] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if name in SECRET_FIELDS:
+                value = "<set>" if value is not None else "<generated in data dir>"
+            elif name == "redis_url" and value and "@" in value:
+                value = value.split("://")[0] + "://***@" + value.split("@", 1)[1]
+            shown[name] = value
+        shown["base_model (effective)"] = self.base_model_path
+        shown["redis (effective)"] = self.effective_redis_url
+        shown["vllm replicas (effective)"] = self.effective_vllm_urls
+        shown["archive (effective)"] = self.effective_archive_url
+        return shown

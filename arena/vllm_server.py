@@ -1,0 +1,50 @@
+"""How we start a vLLM OpenAI server: one frozen base model, LoRA adapters loaded at runtime.
+
+The base model is served under the name `base`; every policy version is a LoRA adapter
+loaded by its own immutable name (`policy-v3`) through `/v1/load_lora_adapter`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from arena.settings import Settings
+
+BASE_SERVED_NAME = "base"
+
+
+def vllm_command(
+    settings: Settings, model_dir: Path, port: int, max_model_len: int | None = None
+) -> tuple[list[str], dict[str, str]]:
+    argv = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(model_dir),
+        "--served-model-name", BASE_SERVED_NAME,
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--enable-lora",
+        "--max-lora-rank", str(settings.vllm_max_lora_rank),
+        "--max-loras", str(settings.vllm_max_loras),
+        "--dtype", settings.vllm_dtype,
+        "--max-model-len", str(max_model_len or settings.vllm_max_model_len),
+        "--disable-uvicorn-access-log",
+        *settings.vllm_extra_args,
+    ]
+    env = dict(os.environ)
+    env.update(
+        {
+            # Adapters are loaded and unloaded while serving (hot swap).
+            "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+            # The CPU build sizes its KV cache from NUMA node 0 unless told; it then fails.
+            "VLLM_CPU_KVCACHE_SPACE": str(settings.vllm_kvcache_gib),
+            # By default one core is reserved and computation runs on the other.
+            "VLLM_CPU_NUM_OF_RESERVED_CPU": env.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "0"),
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "VLLM_NO_USAGE_STATS": "1",
+            "DO_NOT_TRACK": "1",
+        }
+    )
+    return argv, env

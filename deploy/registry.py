@@ -1,0 +1,193 @@
+"""Version records in Redis (durable with AOF) plus an append-only audit log file.
+
+Keys:
+  arena:versions          hash  id -> JSON record
+  arena:current           string, the id the `current` alias resolves to
+  arena:current:previous  list, earlier currents (head = most recent) for rollback
+  arena:versions:seq      counter for policy-vN / rm-vN ids
+
+Every change runs in one Redis transaction (WATCH/MULTI) so concurrent gateways and the
+learner never see two currents, and is then appended to <data dir>/audit.log.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import redis
+
+from deploy.states import State, TransitionError, check_promote, check_retire
+
+VERSIONS_KEY = "arena:versions"
+CURRENT_KEY = "arena:current"
+PREVIOUS_KEY = "arena:current:previous"
+SEQ_KEY = "arena:versions:seq:{kind}"
+BASE = "base"
+CURRENT_ALIAS = "current"
+
+Kind = Literal["base", "policy", "reward"]
+
+
+class UnknownVersion(KeyError):
+    def __init__(self, version: str) -> None:
+        super().__init__(version)
+        self.version = version
+
+    def __str__(self) -> str:
+        return f"unknown version {self.version!r}"
+
+
+@dataclass
+class VersionRecord:
+    id: str
+    kind: Kind
+    state: State
+    parent: str | None = None
+    path: str | None = None  # adapter folder (policies) or model folder (reward models)
+    created_at: float = field(default_factory=time.time)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)  # file name -> sha256
+    promoted_by: str | None = None
+    promoted_at: float | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> VersionRecord:
+        return cls(**json.loads(raw))
+
+
+class Registry:
+    def __init__(self, client: redis.Redis, audit_path: Path | None = None) -> None:
+        self.redis = client
+        self.audit_path = audit_path
+
+    # --- reads -----------------------------------------------------------------------------
+    def get(self, version: str) -> VersionRecord:
+        raw = self.redis.hget(VERSIONS_KEY, version)
+        if raw is None:
+            raise UnknownVersion(version)
+        return VersionRecord.from_json(raw)
+
+    def all(self) -> list[VersionRecord]:
+        records = [VersionRecord.from_json(v) for v in self.redis.hvals(VERSIONS_KEY)]
+        return sorted(records, key=lambda r: (r.created_at, r.id))
+
+    def policies(self, include_retired: bool = False) -> list[VersionRecord]:
+        """Versions that can answer a chat: the base and the policy adapters."""
+        return [
+            r for r in self.all()
+            if r.kind in ("base", "policy") and (include_retired or r.state != "retired")
+        ]
+
+    def current(self) -> str:
+        value = self.redis.get(CURRENT_KEY)
+        return value.decode() if isinstance(value, bytes) else (value or BASE)
+
+    def resolve(self, name: str) -> VersionRecord:
+        """Map a requested model name (a version id or the alias `current`) to its record."""
+        return self.get(self.current() if name == CURRENT_ALIAS else name)
+
+    # --- writes ----------------------------------------------------------------------------
+    def ensure_base(self) -> None:
+        """A fresh install has one version: the frozen base model, current."""
+        record = VersionRecord(id=BASE, kind="base", state="current", created_at=0.0)
+        if self.redis.hsetnx(VERSIONS_KEY, BASE, record.to_json()):
+            self.redis.setnx(CURRENT_KEY, BASE)
+            self._audit("register", BASE, actor="system", before=None, after="current")
+
+    def next_id(self, kind: Literal["policy", "reward"]) -> str:
+        prefix = "policy" if kind == "policy" else "rm"
+        while True:
+            n = int(self.redis.incr(SEQ_KEY.format(kind=kind)))
+            candidate = f"{prefix}-v{n}"
+            if not self.redis.hexists(VERSIONS_KEY, candidate):
+                return candidate
+
+    def add(self, record: VersionRecord, actor: str = "system") -> VersionRecord:
+        """Register a new version; its id must be new (names are immutable)."""
+        if not self.redis.hsetnx(VERSIONS_KEY, record.id, record.to_json()):
+            raise TransitionError(f"version {record.id} already exists; names are immutable")
+        self._audit("register", record.id, actor=actor, before=None, after=record.state)
+        return record
+
+    def promote(self, version: str, actor: str) -> tuple[str, str]:
+        """Make `version` current; the old current becomes a candidate. Returns (old, new)."""
+
+        def change(pipe: redis.client.Pipeline) -> tuple[str, str]:
+            record = self._get_in(pipe, version)
+            if record.kind == "reward":
+                raise TransitionError(f"{version} is a reward model, not a policy")
+            check_promote(version, record.state)
+            old_id = (pipe.get(CURRENT_KEY) or BASE.encode()).decode()
+            old = self._get_in(pipe, old_id)
+            record.state, record.promoted_by, record.promoted_at = "current", actor, time.time()
+            old.state = "candidate"
+            pipe.multi()
+            pipe.hset(VERSIONS_KEY, mapping={old.id: old.to_json(), record.id: record.to_json()})
+            pipe.set(CURRENT_KEY, record.id)
+            pipe.lpush(PREVIOUS_KEY, old.id)
+            return old.id, record.id
+
+        old, new = self.redis.transaction(
+            change, VERSIONS_KEY, CURRENT_KEY, value_from_callable=True
+        )
+        self._audit("promote", new, actor=actor, before=f"current={old}", after=f"current={new}")
+        return old, new
+
+    def rollback_target(self) -> str:
+        """The most recent earlier current that is still live."""
+        for raw in self.redis.lrange(PREVIOUS_KEY, 0, -1):
+            candidate = raw.decode()
+            try:
+                if self.get(candidate).state == "candidate":
+                    return candidate
+            except UnknownVersion:
+                continue
+        raise TransitionError("nothing to roll back to: no earlier current version is live")
+
+    def rollback(self, actor: str) -> tuple[str, str]:
+        target = self.rollback_target()
+        old, new = self.promote(target, actor)
+        # The rollback itself pushed `old` onto the history; drop the entry we returned to
+        # so a second rollback goes one further back instead of flip-flopping.
+        self.redis.lrem(PREVIOUS_KEY, 1, new)
+        self.redis.lrem(PREVIOUS_KEY, 1, old)
+        self._audit("rollback", new, actor=actor, before=f"current={old}", after=f"current={new}")
+        return old, new
+
+    def retire(self, version: str, actor: str) -> tuple[State, State]:
+        def change(pipe: redis.client.Pipeline) -> tuple[State, State]:
+            record = self._get_in(pipe, version)
+            before = record.state
+            check_retire(version, record.state)
+            record.state = "retired"
+            pipe.multi()
+            pipe.hset(VERSIONS_KEY, version, record.to_json())
+            return before, record.state
+
+        before, after = self.redis.transaction(change, VERSIONS_KEY, value_from_callable=True)
+        self._audit("retire", version, actor=actor, before=before, after=after)
+        return before, after
+
+    # --- helpers ---------------------------------------------------------------------------
+    @staticmethod
+    def _get_in(pipe: redis.client.Pipeline, version: str) -> VersionRecord:
+        raw = pipe.hget(VERSIONS_KEY, version)
+        if raw is None:
+            raise UnknownVersion(version)
+        return VersionRecord.from_json(raw)
+
+    def _audit(self, action: str, version: str, actor: str, before: Any, after: Any) -> None:
+        if self.audit_path is None:
+            return
+        self.audit_path.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps({"ts": time.time(), "action": action, "version": version,
+                           "actor": actor, "before": before, "after": after})
+        with self.audit_path.open("a", encoding="utf-8") as f:
+            f.write(line + "\n")

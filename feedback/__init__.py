@@ -1,0 +1,1 @@
+"""feedback/: the vote stream (Redis Streams, consumer groups) and the preference archive."""

@@ -1,0 +1,57 @@
+"""The vote record: what a side-by-side vote carries from the gateway through the stream to
+the archive, the ranker and the reward model. One JSON object per vote.
+
+`conversation_a` / `conversation_b` are the chat messages each side answered (identical for a
+one-turn battle; after follow-up turns each side has its own history), `answer_a` /
+`answer_b` the final answers being judged, `winner` one of a / b / tie / both_bad.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+Winner = Literal["a", "b", "tie", "both_bad"]
+WINNERS: tuple[Winner, ...] = ("a", "b", "tie", "both_bad")
+Message = dict[str, str]
+
+
+class MalformedVote(ValueError):
+    """A stream entry that is not a valid vote record (it goes to the dead-letter stream)."""
+
+
+@dataclass
+class VoteRecord:
+    battle_id: str  # also the vote id: one vote per battle, the idempotency key everywhere
+    model_a: str
+    model_b: str
+    winner: Winner
+    conversation_a: list[Message]
+    conversation_b: list[Message]
+    answer_a: str
+    answer_b: str
+    session: str
+    battle_created_at: float
+    voted_at: float = field(default_factory=time.time)
+
+    @property
+    def vote_id(self) -> str:
+        return self.battle_id
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> VoteRecord:
+        try:
+            data: dict[str, Any] = json.loads(raw)
+            record = cls(**data)
+        except (TypeError, ValueError) as error:
+            raise MalformedVote(f"not a vote record: {error}") from error
+        if record.winner not in WINNERS:
+            raise MalformedVote(f"winner {record.winner!r} is not one of {WINNERS}")
+        if not record.battle_id or not record.model_a or not record.model_b:
+            raise MalformedVote("battle_id, model_a and model_b must be non-empty")
+        return record

@@ -1,0 +1,1 @@
+"""learner/: reward model and PPO-with-KL policy training, run as Celery tasks."""

@@ -1,0 +1,143 @@
+"""The gateway: FastAPI app factory (`uvicorn serve.app:create_app --factory`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from arena.secrets import session_secret
+from arena.settings import Settings
+from deploy.registry import Registry
+from serve import battles, chat
+from serve.errors import install_error_handlers
+from serve.metrics import GatewayMetrics
+from serve.rate_limit import RateLimiter
+from serve.sessions import SessionMiddleware
+from serve.state import GatewayState
+from serve.upstream import ReplicaPool
+from serve.versions import VersionView
+
+log = logging.getLogger("arena.gateway")
+STATIC_DIR = Path(__file__).parent / "static"
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        client = aioredis.Redis.from_url(settings.effective_redis_url)
+        sync_client = redis.Redis.from_url(settings.effective_redis_url)
+        Registry(sync_client, settings.data_dir / "audit.log").ensure_base()
+        sync_client.close()
+        gw = GatewayState(
+            settings=settings, redis=client,
+            pool=ReplicaPool(settings.effective_vllm_urls, settings.request_timeout_s),
+            versions=VersionView(client), limiter=RateLimiter(client), metrics=GatewayMetrics(),
+        )
+        app.state.gateway = gw
+        watcher = asyncio.create_task(_watch_worker(gw))
+        try:
+            yield
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+            await gw.pool.close()
+            await client.aclose()
+
+    app = FastAPI(title="rlhf-arena gateway", version="0.1.0", lifespan=lifespan)
+    install_error_handlers(app)
+    app.add_middleware(SessionMiddleware, secret=session_secret(settings))
+    app.include_router(chat.router)
+    app.include_router(battles.router)
+    _include_optional_routers(app)
+
+    @app.get("/livez")
+    async def livez() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @app.get("/healthz")
+    async def healthz(request: Request) -> JSONResponse:
+        gw: GatewayState = request.app.state.gateway
+        report: dict[str, Any] = {}
+        problems: list[str] = []
+        try:
+            report["redis"] = bool(await gw.redis.ping())
+        except Exception as error:  # noqa: BLE001
+            report["redis"] = False
+            problems.append(f"redis: {error}")
+        replicas = await gw.pool.health()
+        report["vllm"] = replicas
+        if not any(replicas.values()):
+            problems.append("vllm: no replica answers /health")
+        report["worker"] = gw.worker_ok
+        if not gw.worker_ok:
+            problems.append("worker: no Celery worker answered a ping")
+        report["feedback"] = await _feedback_figures(gw)
+        report["status"] = "ok" if not problems else "degraded"
+        report["problems"] = problems
+        return JSONResponse(report, status_code=200 if not problems else 503)
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        gw: GatewayState = request.app.state.gateway
+        for figure, value in (await _feedback_figures(gw)).items():
+            if isinstance(value, int | float):
+                gw.metrics.feedback.labels(figure).set(value)
+        return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html")
+
+    return app
+
+
+def _include_optional_routers(app: FastAPI) -> None:
+    """Routers of packages that plug into the gateway (leaderboard, operator API)."""
+    for module_name in ("serve.leaderboard", "deploy.admin_routes"):
+        try:
+            module = __import__(module_name, fromlist=["router"])
+        except ImportError as error:
+            if error.name != module_name:
+                raise
+            continue
+        app.include_router(module.router)
+
+
+async def _feedback_figures(gw: GatewayState) -> dict[str, Any]:
+    try:
+        from feedback.stats import stream_figures
+    except ImportError:
+        return {}
+    try:
+        return await stream_figures(gw.redis)
+    except Exception as error:  # noqa: BLE001 - figures are informative, never fatal
+        return {"error": str(error)}
+
+
+async def _watch_worker(gw: GatewayState) -> None:
+    """Ping the Celery worker in the background (a ping takes up to a second; never on the
+    request path) and keep the answer for /healthz."""
+    from learner.celery_app import make_celery
+
+    celery = make_celery(gw.settings)
+    while True:
+        try:
+            replies = await asyncio.to_thread(celery.control.ping, timeout=1.0)
+            gw.worker_ok = bool(replies)
+        except Exception:  # noqa: BLE001
+            gw.worker_ok = False
+        await asyncio.sleep(gw.settings.worker_check_interval_s)

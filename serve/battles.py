@@ -1,0 +1,229 @@
+"""Side-by-side battles: two anonymous answers from two versions, a vote, then the reveal.
+
+A battle lives in Redis (`arena:battle:{id}`, with a TTL) so any gateway process can serve
+its follow-ups and its vote. The vote is accepted (2xx) only after it is in the vote stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
+
+from deploy.registry import VersionRecord
+from feedback.vote_record import VoteRecord
+from feedback.vote_stream import publish_vote
+from serve.chat import SSE_MEDIA_TYPE, ChatMessage, client_ip, state_of
+from serve.errors import APIError
+from serve.matchmaking import choose_versions
+from serve.state import GatewayState
+
+router = APIRouter()
+BATTLE_KEY = "arena:battle:{id}"
+VOTED_KEY = "arena:battle:{id}:voted"
+SEED_RANGE = 2**31 - 1
+
+
+class BattleRequest(BaseModel):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1, le=4096)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    stream: bool = False
+
+
+class FollowUpRequest(BaseModel):
+    content: str = Field(min_length=1, description="The user's next message, sent to both sides.")
+    max_tokens: int | None = Field(None, ge=1, le=4096)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    stream: bool = False
+
+
+class VoteRequest(BaseModel):
+    winner: Literal["a", "b", "tie", "both_bad"]
+
+
+def _messages(items: list[ChatMessage]) -> list[dict[str, Any]]:
+    return [m.model_dump(exclude_none=True) for m in items]
+
+
+async def _load_battle(gw: GatewayState, battle_id: str, session: str) -> dict[str, Any]:
+    raw = await gw.redis.get(BATTLE_KEY.format(id=battle_id))
+    if raw is None:
+        raise APIError(404, f"Battle '{battle_id}' does not exist or has expired.",
+                       "battle_not_found")
+    battle = json.loads(raw)
+    if battle["session"] != session:
+        raise APIError(403, "This battle belongs to another session; only the session that "
+                            "started it can continue it or vote.", "wrong_session")
+    return battle
+
+
+async def _save_battle(gw: GatewayState, battle: dict[str, Any]) -> None:
+    await gw.redis.set(BATTLE_KEY.format(id=battle["battle_id"]), json.dumps(battle),
+                       ex=gw.settings.battle_ttl_s)
+
+
+def _sampling(gw: GatewayState, max_tokens: int | None, temperature: float | None) -> dict:
+    return {"max_tokens": max_tokens or gw.settings.battle_max_tokens,
+            "temperature": gw.settings.battle_temperature if temperature is None else temperature}
+
+
+async def _answer(gw: GatewayState, record: VersionRecord, messages: list[dict],
+                  sampling: dict, seed: int) -> str:
+    body = {"model": record.id, "messages": messages, "seed": seed, **sampling}
+    response = await gw.pool.post("/v1/chat/completions", body, record.id, record.path)
+    if response.status_code != 200:
+        from serve.chat import upstream_error
+
+        error = upstream_error(response.status_code, response.content)
+        raise APIError(response.status_code, json.loads(error.body)["error"]["message"],
+                       "upstream_error")
+    gw.metrics.tokens.labels(record.id).inc(response.json()["usage"]["completion_tokens"])
+    return response.json()["choices"][0]["message"]["content"] or ""
+
+
+async def _stream_side(gw: GatewayState, side: str, record: VersionRecord, messages: list[dict],
+                       sampling: dict, seed: int, queue: asyncio.Queue) -> str:
+    """Relay one side's tokens into the shared queue; return its full answer."""
+    body = {"model": record.id, "messages": messages, "seed": seed, "stream": True, **sampling}
+    parts: list[str] = []
+    async with gw.pool.stream("/v1/chat/completions", body, record.id, record.path) as upstream:
+        if upstream.status_code != 200:
+            raise APIError(upstream.status_code, (await upstream.aread()).decode()[:500],
+                           "upstream_error")
+        async for line in upstream.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            delta = json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+            if delta:
+                parts.append(delta)
+                await queue.put((side, delta))
+    gw.metrics.tokens.labels(record.id).inc(len(parts))
+    return "".join(parts)
+
+
+def _sse(event: str, data: dict[str, Any]) -> str:
+    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def _run_turn(gw: GatewayState, battle: dict[str, Any], records: list[VersionRecord],
+                    sampling: dict, stream: bool) -> dict[str, Any] | StreamingResponse:
+    """Generate both sides' answers for the battle's latest user turn, concurrently."""
+    # Two samples of one version (cold start) must differ: each side gets its own seed.
+    seeds = random.sample(range(SEED_RANGE), 2)
+    conversations = [battle["conversation_a"], battle["conversation_b"]]
+
+    def finish(answers: list[str]) -> None:
+        for side, answer in zip("ab", answers, strict=True):
+            battle[f"answer_{side}"] = answer
+            battle[f"conversation_{side}"].append({"role": "assistant", "content": answer})
+
+    if not stream:
+        answers = await asyncio.gather(*(
+            _answer(gw, rec, conv, sampling, seed)
+            for rec, conv, seed in zip(records, conversations, seeds, strict=True)))
+        finish(list(answers))
+        await _save_battle(gw, battle)
+        return {"battle_id": battle["battle_id"], "a": {"content": answers[0]},
+                "b": {"content": answers[1]}}
+
+    async def events() -> AsyncIterator[str]:
+        queue: asyncio.Queue = asyncio.Queue()
+        tasks = [asyncio.create_task(_stream_side(gw, side, rec, conv, sampling, seed, queue))
+                 for side, rec, conv, seed in zip("ab", records, conversations, seeds,
+                                                  strict=True)]
+        try:
+            while not all(t.done() for t in tasks) or not queue.empty():
+                try:
+                    side, delta = await asyncio.wait_for(queue.get(), timeout=0.05)
+                except TimeoutError:
+                    continue
+                yield _sse(side, {"content": delta})
+            failed = [t.exception() for t in tasks if t.exception() is not None]
+            if failed:
+                yield _sse("error", {"message": str(failed[0])})
+                return
+            finish([t.result() for t in tasks])
+            await _save_battle(gw, battle)
+            yield _sse("done", {"battle_id": battle["battle_id"]})
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    return StreamingResponse(events(), media_type=SSE_MEDIA_TYPE,
+                             headers={"X-Battle-Id": battle["battle_id"],
+                                      "Cache-Control": "no-cache"})
+
+
+@router.post("/v1/battles", response_model=None)
+async def create_battle(body: BattleRequest, request: Request):
+    gw = state_of(request)
+    session = request.scope["state"]["session"]
+    await gw.limiter.check("battles", session, client_ip(request),
+                           gw.settings.rate_battle_per_session, gw.settings.rate_battle_per_ip)
+    record_a, record_b = await choose_versions(gw)
+    messages = _messages(body.messages)
+    battle = {
+        "battle_id": uuid.uuid4().hex, "session": session, "created_at": time.time(),
+        "model_a": record_a.id, "model_b": record_b.id,
+        "conversation_a": [dict(m) for m in messages], "conversation_b": [dict(m) for m in messages],
+    }
+    gw.metrics.requests.labels("battle", "-").inc()
+    return await _run_turn(gw, battle, [record_a, record_b],
+                           _sampling(gw, body.max_tokens, body.temperature), body.stream)
+
+
+@router.post("/v1/battles/{battle_id}/messages", response_model=None)
+async def continue_battle(battle_id: str, body: FollowUpRequest, request: Request):
+    gw = state_of(request)
+    session = request.scope["state"]["session"]
+    await gw.limiter.check("battles", session, client_ip(request),
+                           gw.settings.rate_battle_per_session, gw.settings.rate_battle_per_ip)
+    battle = await _load_battle(gw, battle_id, session)
+    if await gw.redis.exists(VOTED_KEY.format(id=battle_id)):
+        raise APIError(409, "This battle has been voted on; start a new battle.", "already_voted")
+    records = [await gw.versions.resolve(battle["model_a"]),
+               await gw.versions.resolve(battle["model_b"])]
+    for side in "ab":
+        battle[f"conversation_{side}"].append({"role": "user", "content": body.content})
+    return await _run_turn(gw, battle, records, _sampling(gw, body.max_tokens, body.temperature),
+                           body.stream)
+
+
+@router.post("/v1/battles/{battle_id}/vote")
+async def vote(battle_id: str, body: VoteRequest, request: Request) -> dict[str, Any]:
+    gw = state_of(request)
+    session = request.scope["state"]["session"]
+    await gw.limiter.check("votes", session, client_ip(request),
+                           gw.settings.rate_vote_per_session, gw.settings.rate_vote_per_ip)
+    battle = await _load_battle(gw, battle_id, session)
+    if "answer_a" not in battle:
+        raise APIError(409, "This battle's answers are not finished yet.", "battle_incomplete")
+    voted_key = VOTED_KEY.format(id=battle_id)
+    # SET NX is the once-per-battle guard shared by every gateway process.
+    if not await gw.redis.set(voted_key, body.winner, nx=True, ex=gw.settings.battle_ttl_s):
+        raise APIError(409, "This battle already has a vote.", "already_voted")
+    record = VoteRecord(
+        battle_id=battle_id, model_a=battle["model_a"], model_b=battle["model_b"],
+        winner=body.winner,
+        conversation_a=battle["conversation_a"][:-1], conversation_b=battle["conversation_b"][:-1],
+        answer_a=battle["answer_a"], answer_b=battle["answer_b"], session=session,
+        battle_created_at=battle["created_at"],
+    )
+    try:
+        await publish_vote(gw.redis, record)
+    except Exception as error:
+        await gw.redis.delete(voted_key)  # not accepted: the user may vote again
+        raise APIError(503, f"The vote could not be stored ({error}); please retry.",
+                       "vote_store_unavailable", headers={"Retry-After": "2"}) from error
+    gw.metrics.votes.labels(body.winner).inc()
+    return {"battle_id": battle_id, "winner": body.winner,
+            "a_model": battle["model_a"], "b_model": battle["model_b"]}

@@ -1,0 +1,41 @@
+"""The gateway's read side of the version registry (deploy/registry.py), on async Redis:
+resolve a requested model name (`current` or a version id) per request, list live versions."""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+
+from deploy.registry import BASE, CURRENT_ALIAS, CURRENT_KEY, VERSIONS_KEY, VersionRecord
+from serve.errors import APIError
+
+
+class VersionView:
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.redis = client
+
+    async def current(self) -> str:
+        value = await self.redis.get(CURRENT_KEY)
+        return value.decode() if value else BASE
+
+    async def all(self) -> list[VersionRecord]:
+        records = [VersionRecord.from_json(v) for v in await self.redis.hvals(VERSIONS_KEY)]
+        return sorted(records, key=lambda r: (r.created_at, r.id))
+
+    async def live(self) -> list[VersionRecord]:
+        """Versions that serve chats and battles: base and policies not retired."""
+        return [r for r in await self.all() if r.kind in ("base", "policy")
+                and r.state != "retired"]
+
+    async def resolve(self, name: str) -> VersionRecord:
+        """The concrete version for a request; `current` is read once, here, so a request
+        finishes on the version it started on even if the alias flips meanwhile."""
+        version = await self.current() if name == CURRENT_ALIAS else name
+        raw = await self.redis.hget(VERSIONS_KEY, version)
+        record = VersionRecord.from_json(raw) if raw else None
+        if record is None or record.kind == "reward" or record.state == "retired":
+            live = ", ".join([CURRENT_ALIAS] + [r.id for r in await self.live()])
+            why = "is retired" if record is not None and record.state == "retired" else \
+                "does not exist"
+            raise APIError(404, f"The model '{name}' {why}. Available models: {live}.",
+                           "model_not_found", "model")
+        return record

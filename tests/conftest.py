@@ -1,0 +1,233 @@
+"""Real-server fixtures every test uses: a tiny random model with the real SmolLM2 tokenizer,
+a vLLM server on it with LoRA enabled, our own Redis (AOF) on a free port, PostgreSQL, and a
+real Celery worker. Nothing is mocked; what is slow to start is session-scoped."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from sqlalchemy import create_engine, text
+
+from arena.redis_server import start_redis
+from arena.settings import Settings
+from arena.tiny_model import build_lora_adapter, build_tiny_model
+from arena.vllm_server import vllm_command
+
+POSTGRES_URL = os.environ.get(
+    "ARENA_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+)
+TINY_MAX_MODEL_LEN = 512
+VLLM_START_TIMEOUT_S = 240
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 10) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
+
+
+# --- models -------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def lora_adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two random LoRA adapters on the tiny model: the policy versions of the tests."""
+    root = tmp_path_factory.mktemp("adapters")
+    return [build_lora_adapter(tiny_model_dir, root / f"lora{i}", seed=i) for i in (1, 2)]
+
+
+# --- Redis --------------------------------------------------------------------------------
+class RedisProcess:
+    """Our own redis-server with AOF on a free port; restartable for fault-injection tests."""
+
+    def __init__(self, data_dir: Path, appendfsync: str = "always") -> None:
+        self.port = free_port()
+        self.data_dir = data_dir
+        self.appendfsync = appendfsync
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = start_redis(self.port, self.data_dir, self.appendfsync)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None:
+            stop_group(self.proc, sig)
+
+    def restart(self, sig: int = signal.SIGKILL) -> None:
+        self.stop(sig)
+        self.start()
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    server = RedisProcess(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisProcess) -> str:
+    """A clean database for each test (the session's server, flushed)."""
+    redis_server.client().flushall()
+    return redis_server.url
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
+    """A private Redis for tests that kill or restart it."""
+    server = RedisProcess(tmp_path / "redis")
+    yield server
+    server.stop()
+
+
+# --- PostgreSQL ---------------------------------------------------------------------------
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh schema in the machine's PostgreSQL (database `test`), dropped afterwards."""
+    engine = create_engine(POSTGRES_URL)
+    schema = f"t_{uuid.uuid4().hex[:10]}"
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(f"CREATE SCHEMA {schema}"))
+    except Exception as error:  # noqa: BLE001
+        pytest.fail(f"PostgreSQL at {POSTGRES_URL} is not reachable: {error}")
+    yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+    with engine.begin() as conn:
+        conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+    engine.dispose()
+
+
+# --- settings -----------------------------------------------------------------------------
+@pytest.fixture
+def settings(tmp_path: Path, redis_url: str, tiny_model_dir: Path) -> Settings:
+    """Settings for one test: its own data dir, the session Redis, the tiny model."""
+    return Settings(
+        _env_file=None,
+        data_dir=tmp_path / "var",
+        redis_url=redis_url,
+        base_model=tiny_model_dir,
+        admin_token="test-admin-token",
+        session_secret="test-session-secret",
+        learner_preset="tiny",
+        vllm_max_model_len=TINY_MAX_MODEL_LEN,
+    )
+
+
+# --- vLLM ---------------------------------------------------------------------------------
+class VLLMProcess:
+    def __init__(self, model_dir: Path, log_path: Path) -> None:
+        self.port = free_port()
+        base = Settings(_env_file=None, vllm_kvcache_gib=1, vllm_max_model_len=TINY_MAX_MODEL_LEN)
+        argv, env = vllm_command(base, model_dir, self.port)
+        self.log_path = log_path
+        self.log = log_path.open("w")
+        self.proc = subprocess.Popen(argv, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True, cwd=log_path.parent)
+        self.wait_ready()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + VLLM_START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vLLM exited at start:\n{self.log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"vLLM not ready in {VLLM_START_TIMEOUT_S}s")
+
+    def stop(self) -> None:
+        stop_group(self.proc)
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMProcess]:
+    """One real vLLM OpenAI server on the tiny model for the whole session (~20-40 s start)."""
+    server = VLLMProcess(tiny_model_dir, tmp_path_factory.mktemp("vllm") / "vllm.log")
+    yield server
+    server.stop()
+
+
+# --- Celery -------------------------------------------------------------------------------
+@pytest.fixture
+def celery_worker(settings: Settings) -> Iterator[subprocess.Popen]:
+    """A real Celery worker process on the test's Redis broker and settings."""
+    env = dict(os.environ)
+    env.update({
+        "ARENA_DATA_DIR": str(settings.data_dir), "ARENA_REDIS_URL": settings.effective_redis_url,
+        "ARENA_BASE_MODEL": str(settings.base_model_path), "ARENA_LEARNER_PRESET": "tiny",
+        "ARENA_ADMIN_TOKEN": "test-admin-token", "PYTHONUNBUFFERED": "1",
+    })
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    log = (settings.data_dir / "worker.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "learner.celery_app:app", "worker",
+         "--concurrency", "1", "--loglevel", "INFO", "--without-gossip", "--without-mingle",
+         "-n", f"test-{uuid.uuid4().hex[:6]}@%h"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    from learner.celery_app import make_celery
+
+    app = make_celery(settings)
+    deadline = time.monotonic() + 60
+    while not app.control.ping(timeout=0.5):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_group(proc)
+            pytest.fail("Celery worker did not start:\n"
+                        + (settings.data_dir / "worker.log").read_text()[-3000:])
+    yield proc
+    stop_group(proc)
+    log.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _clean_vllm_temp_files() -> Iterator[None]:
+    """vLLM leaves vllm_dist_* files in the temp folder; remove ours at the end."""
+    before = set(Path("/tmp").glob("vllm_dist_*"))
+    yield
+    for leftover in set(Path("/tmp").glob("vllm_dist_*")) - before:
+        shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(
+            missing_ok=True)

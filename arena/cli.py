@@ -4,6 +4,8 @@ feedback consumers, export the preference data, and the operator commands."""
 from __future__ import annotations
 
 import sys
+from datetime import UTC, datetime
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -73,6 +75,118 @@ def consumers() -> None:
     from feedback.consumers import run_consumers
 
     run_consumers(_settings())
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    """An ISO 8601 date or time; without a zone it is UTC."""
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError as error:
+        raise typer.BadParameter(f"not an ISO 8601 date/time: {value!r}") from error
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+@app.command()
+def export(
+    output: Path = typer.Option(..., "--output", "-o", help="File to write."),
+    fmt: str = typer.Option("jsonl", "--format", help="jsonl or parquet."),
+    since: str | None = typer.Option(None, help="Votes at or after this ISO time (UTC)."),
+    until: str | None = typer.Option(None, help="Votes before this ISO time (UTC)."),
+) -> None:
+    """Export the archived votes as a preference dataset (TRL conversational format)."""
+    from feedback.archive import Archive
+    from feedback.export import ExportFormat, export_votes
+
+    if fmt not in {f.value for f in ExportFormat}:
+        raise typer.BadParameter(f"--format must be jsonl or parquet, not {fmt!r}")
+    archive = Archive(_settings().effective_archive_url)
+    try:
+        count = export_votes(archive, output, fmt, _parse_time(since), _parse_time(until),
+                             console)
+    except RuntimeError as error:
+        console.print(f"[bold red]error:[/] {error}")
+        raise typer.Exit(2) from error
+    finally:
+        archive.close()
+    console.print(f"[bold green]exported {count} votes[/] to {output}")
+
+
+# --- operator commands: the gateway's admin API over HTTP (deploy/admin_routes.py) ---------
+def _admin(action: str, *args: object) -> dict:
+    """Call AdminClient.<action>(*args) against the configured gateway; exit 1 on an error."""
+    from deploy.admin_client import AdminClient, AdminError
+
+    with AdminClient.from_settings(_settings()) as client:
+        try:
+            return getattr(client, action)(*args)
+        except AdminError as error:
+            console.print(f"[bold red]error:[/] {error}")
+            raise typer.Exit(1) from error
+
+
+def _when(ts: float | None) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+
+
+def _print_change(result: dict) -> None:
+    table = Table("", "before", "after",
+                  title=f"{result['action']} {result['id']} ({result['seconds']:.3f} s)")
+    table.add_row("current", result["before"]["current"], result["after"]["current"])
+    for version, after in result["after"]["states"].items():
+        table.add_row(version, result["before"]["states"].get(version, "-"), after)
+    Console().print(table)
+
+
+@app.command()
+def versions() -> None:
+    """List every version (base, policies, reward models) with its state and history."""
+    listing = _admin("versions")
+    table = Table("id", "kind", "state", "parent", "created (UTC)", "promoted by",
+                  "promoted at (UTC)", "metrics", title=f"versions (current: {listing['current']})")
+    styles = {"current": "bold green", "retired": "dim"}
+    for v in listing["data"]:
+        metrics = ", ".join(f"{k}={val:.4g}" if isinstance(val, float) else f"{k}={val}"
+                            for k, val in sorted((v.get("metrics") or {}).items()))
+        table.add_row(v["id"], v["kind"], v["state"], v.get("parent") or "-",
+                      _when(v.get("created_at")), v.get("promoted_by") or "-",
+                      _when(v.get("promoted_at")), metrics or "-", style=styles.get(v["state"]))
+    Console().print(table)
+
+
+@app.command()
+def register(
+    path: Path = typer.Argument(..., help="A peft save_pretrained adapter folder."),
+    parent: str = typer.Option(None, help="Parent version (default: the current one)."),
+    kind: str = typer.Option("policy", help="policy (LoRA adapter) or reward (reward model)."),
+) -> None:
+    """Check an adapter folder, copy it into the version store and add it as a candidate."""
+    record = _admin("register", path, parent, kind)
+    table = Table("field", "value", title=f"registered {record['id']}")
+    for name in ("id", "kind", "state", "parent", "path"):
+        table.add_row(name, str(record.get(name)))
+    table.add_row("files", f"{len(record.get('files') or {})} (sha256 in manifest.json)")
+    table.add_row("loaded on", ", ".join(record.get("loaded_on") or []) or "-")
+    Console().print(table)
+
+
+@app.command()
+def promote(version: str = typer.Argument(..., help="e.g. policy-v3")) -> None:
+    """Load a version into every model server, then make it `current`."""
+    _print_change(_admin("promote", version))
+
+
+@app.command()
+def rollback() -> None:
+    """Make the previous current version current again."""
+    _print_change(_admin("rollback"))
+
+
+@app.command()
+def retire(version: str = typer.Argument(..., help="e.g. policy-v2")) -> None:
+    """Take a version out of serving and battles (its files stay in the store)."""
+    _print_change(_admin("retire", version))
 
 
 if __name__ == "__main__":

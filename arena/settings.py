@@ -59,6 +59,11 @@ class Settings(BaseSettings):
     rate_vote_per_session: int = 120
     rate_vote_per_ip: int = 6000
     chats_stream_maxlen: int = Field(1_000_000, description="Chat turns kept in the stream.")
+    matchmaker_target_ci_width: float = Field(50.0, description="CI width (rating points) "
+                                              "below which a version counts as established.")
+    matchmaker_min_battles: int = Field(300, description="Below this a version gets exposure.")
+    matchmaker_new_boost: float = Field(4.0, description="Pair weight multiplier for new versions.")
+    matchmaker_uniform_mix: float = Field(0.2, description="Share of uniform pair sampling.")
     worker_check_interval_s: float = Field(10.0, description="How often /healthz pings Celery.")
 
     # --- vLLM ----------------------------------------------------------------------------
@@ -81,10 +86,45 @@ class Settings(BaseSettings):
     )
     archive_chats: bool = Field(True, description="Archive prompts users send (feeds prompt pool).")
 
+    # --- feedback ------------------------------------------------------------------------
+    stream_claim_idle_ms: int = Field(
+        30_000, description="A stream entry pending this long is re-claimed by a live consumer."
+    )
+    stream_max_deliveries: int = Field(
+        5, description="Failed deliveries before an entry moves to the dead-letter stream."
+    )
+    stream_batch_size: int = Field(100, description="Entries one consumer reads per XREADGROUP.")
+    stream_block_ms: int = Field(1000, description="How long an idle XREADGROUP waits.")
+    elo_k: float = Field(4.0, description="Online Elo step per vote.")
+    bt_bootstrap_rounds: int = Field(100, description="Bootstrap rounds of the Bradley-Terry CIs.")
+    refit_every_s: float = Field(30.0, description="Seconds between Bradley-Terry refits.")
+    learn_every_votes: int = Field(200, description="New votes that start a learner iteration.")
+
     # --- learner -------------------------------------------------------------------------
     learner_preset: Literal["tiny", "cpu", "gpu"] = "cpu"
     learner_threads: int = Field(1, description="torch threads for training (leave cores to serving).")
     learner_nice: int = Field(10, description="Niceness of the training worker process.")
+
+    # --- deploy --------------------------------------------------------------------------
+    admin_url: str | None = Field(
+        None, description="Gateway URL the operator commands call (default: gateway host/port)."
+    )
+    replica_sync_interval_s: float = Field(
+        3.0, description="How often the gateway checks each vLLM replica and loads live versions."
+    )
+    auto_promote: bool = Field(
+        False, description="Promote a candidate once its rating's lower CI bound beats current's."
+    )
+
+    def matchmaker_weights(self):  # -> elo.matchmaker.MatchmakerWeights
+        from elo.matchmaker import MatchmakerWeights
+
+        return MatchmakerWeights(
+            target_ci_width=self.matchmaker_target_ci_width,
+            min_battles=self.matchmaker_min_battles,
+            new_candidate_boost=self.matchmaker_new_boost,
+            uniform_mix=self.matchmaker_uniform_mix,
+        )
 
     @property
     def base_model_path(self) -> Path:

@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from arena.secrets import session_secret
 from arena.settings import Settings
+from deploy.hot_swap import replica_sync_loop
 from deploy.registry import Registry
 from serve import battles, chat
 from serve.errors import install_error_handlers
@@ -48,12 +49,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         app.state.gateway = gw
         watcher = asyncio.create_task(_watch_worker(gw))
+        syncer = asyncio.create_task(  # deploy: every replica holds every live version
+            replica_sync_loop(gw.pool, gw.versions, settings.replica_sync_interval_s))
         try:
             yield
         finally:
             watcher.cancel()
+            syncer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
+            with contextlib.suppress(asyncio.CancelledError):
+                await syncer
             await gw.pool.close()
             await client.aclose()
 

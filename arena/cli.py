@@ -189,5 +189,35 @@ def retire(version: str = typer.Argument(..., help="e.g. policy-v2")) -> None:
     _print_change(_admin("retire", version))
 
 
+
+@app.command()
+def learn(
+    follow: bool = typer.Option(False, "--follow", "-f", help="Show a progress bar until it ends."),
+    votes_jsonl: Path | None = typer.Option(
+        None, "--votes-jsonl", help="Train on votes from this JSONL file instead of the archive."),
+) -> None:
+    """Start a learner iteration (reward model, then PPO); a no-op if one is running."""
+    from learner.trigger import follow_iteration, start_iteration
+
+    settings = _settings()
+    result = start_iteration(settings, votes_jsonl=votes_jsonl, reason="arena learn")
+    console.print(result["message"])
+    if not follow or result["task_id"] is None:
+        return
+    status = follow_iteration(settings, result["task_id"], console)
+    info = status["info"] if isinstance(status["info"], dict) else {}
+    if status["state"] != "SUCCESS":
+        console.print(f"[bold red]iteration {status['state'].lower()}:[/] {info}")
+        raise typer.Exit(1)
+    if info.get("status") == "done":
+        policy, rm = info["policy"], info["reward_model"]
+        console.print(
+            f"[bold green]{policy['version']}[/] registered as a candidate (parent "
+            f"{policy['parent']}, reward model {rm['version']}, held-out accuracy "
+            f"{rm['metrics']['heldout_accuracy']}); reward {policy['metrics']['reward_start']:.3f}"
+            f" → {policy['metrics']['reward_end']:.3f}, KL {policy['metrics']['kl_end']:.2f}")
+    else:
+        console.print(f"iteration {info.get('status', 'ended')}: {info.get('reason', '')}")
+
 if __name__ == "__main__":
     sys.exit(app())

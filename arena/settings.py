@@ -105,6 +105,24 @@ class Settings(BaseSettings):
     learner_preset: Literal["tiny", "cpu", "gpu"] = "cpu"
     learner_threads: int = Field(1, description="torch threads for training (leave cores to serving).")
     learner_nice: int = Field(10, description="Niceness of the training worker process.")
+    # (added by the learner issue)
+    learner_votes_jsonl: Path | None = Field(
+        None, description="Train on votes from this JSONL file of VoteRecord JSON, not the archive."
+    )
+    learner_reward_base_model: Path | None = Field(
+        None, description="Base of the reward model (same tokenizer; default the policy's base)."
+    )
+    learner_rollout: Literal["auto", "vllm", "transformers"] = Field(
+        "auto", description="PPO rollouts on vLLM (runtime LoRA), transformers, or vLLM if reachable."
+    )
+    learner_vllm_url: str | None = Field(
+        None, description="A dedicated vLLM for rollouts (default: the first serving replica)."
+    )
+    learner_lock_ttl_s: int = Field(
+        3 * 3600, description="Expiry of the one-iteration-at-a-time Redis lock (renewed while it runs)."
+    )
+    learner_user_prompts: int = Field(500, description="Recent user prompts mixed into the PPO pool.")
+    learner_ppo_steps: int | None = Field(None, description="Override the preset's PPO steps.")
 
     # --- deploy --------------------------------------------------------------------------
     admin_url: str | None = Field(

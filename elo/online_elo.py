@@ -44,7 +44,12 @@ def update(
 
 
 def _apply(
-    ratings: dict[str, float], model_a: str, model_b: str, outcome: Outcome, k: float, initial: float
+    ratings: dict[str, float],
+    model_a: str,
+    model_b: str,
+    outcome: Outcome,
+    k: float,
+    initial: float,
 ) -> None:
     """The in-place step behind `update` (so `replay` does not copy the dict once per vote)."""
     if model_a == model_b:

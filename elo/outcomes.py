@@ -36,6 +36,11 @@ def score_for_a(outcome: Outcome) -> float:
 
 def scores_for_a(outcomes: Sequence[str] | np.ndarray) -> np.ndarray:
     """Vectorised `score_for_a`: a float64 array of A's scores, one per vote."""
-    labels, inverse = np.unique(np.asarray(outcomes, dtype=str), return_inverse=True)
-    label_scores = np.array([score_for_a(label) for label in labels], dtype=np.float64)
-    return label_scores[inverse.reshape(-1)]
+    labels = np.asarray(outcomes, dtype=str)
+    scores = np.full(labels.shape, np.nan)
+    for outcome, score in _SCORE_FOR_A.items():
+        scores[labels == outcome] = score
+    unknown = np.isnan(scores)
+    if unknown.any():
+        raise ValueError(f"unknown outcome {labels[unknown][0]!r}; expected one of {OUTCOMES}")
+    return scores

@@ -13,6 +13,9 @@ VOTES_STREAM = "arena:votes"
 DEAD_LETTER_STREAM = "arena:votes:dead"
 CHATS_STREAM = "arena:chats"
 RECORD_FIELD = "record"
+# Figures the consumers keep in Redis for the gateway (feedback/stats.py reads them).
+ARCHIVED_COUNT_KEY = "arena:feedback:archived"  # rows in the archive, as last published
+LEARNER_VOTES_KEY = "arena:learner:votes_since_run"  # votes counted since the last run
 
 
 async def publish_vote(client: aioredis.Redis, record: VoteRecord) -> str:

@@ -22,7 +22,7 @@ async def choose_versions(gw: GatewayState) -> tuple[VersionRecord, VersionRecor
         return live[0], live[0]
     by_id = {r.id: r for r in live}
     try:
-        from elo.matchmaker import Candidate, MatchmakerWeights, choose_pair
+        from elo.matchmaker import Candidate, choose_pair
     except ImportError:  # matchmaker not installed: uniform over distinct pairs
         a, b = random.sample(live, 2)
         return a, b
@@ -32,8 +32,11 @@ async def choose_versions(gw: GatewayState) -> tuple[VersionRecord, VersionRecor
                   battles=int(board.get(r.id, {}).get("battles", 0)))
         for r in live
     ]
+    # Ratings turn on the preference for close (uncertain) pairs; before the first fit every
+    # pair counts as a coin flip.
+    ratings = {name: view["rating"] for name, view in board.items() if name != "__counts__"}
     name_a, name_b = choose_pair(candidates, board.get("__counts__"), _rng,
-                                 gw.settings.matchmaker_weights())
+                                 gw.settings.matchmaker_weights(), ratings=ratings or None)
     return by_id[name_a], by_id[name_b]
 
 

@@ -1,0 +1,273 @@
+"""The preference archive: every vote once, and the chat turns that feed the prompt pool.
+
+SQLAlchemy Core on SQLite (the default, a file in the data dir) or PostgreSQL. Every write is
+insert-or-ignore on its idempotency key (the vote id = battle id; the chat turn id), so an
+entry that the stream delivers twice, e.g. after a crash between the commit and the XACK, is
+stored once. Timestamps are Unix seconds (UTC, float): the same on both databases, exact, and
+what the vote record carries.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from sqlalchemy import (
+    JSON,
+    Column,
+    Double,
+    Engine,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    func,
+    select,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+
+from feedback.vote_record import Message, VoteRecord
+
+SQLITE_BUSY_TIMEOUT_S = 30.0
+ITER_BATCH = 1000
+
+metadata = MetaData()
+JSONColumn = JSON().with_variant(postgresql.JSONB(), "postgresql")
+
+votes = Table(
+    "votes",
+    metadata,
+    Column("vote_id", String, primary_key=True),  # the battle id: one vote per battle
+    Column("model_a", String, nullable=False),
+    Column("model_b", String, nullable=False),
+    Column("winner", String(16), nullable=False),
+    Column("conversation_a", JSONColumn, nullable=False),
+    Column("conversation_b", JSONColumn, nullable=False),
+    Column("answer_a", Text, nullable=False),
+    Column("answer_b", Text, nullable=False),
+    Column("session", String, nullable=False),
+    Column("battle_created_at", Double, nullable=False),
+    Column("voted_at", Double, nullable=False, index=True),
+    Column("archived_at", Double, nullable=False),
+    Column("stream_entry_id", String),
+)
+
+chat_turns = Table(
+    "chat_turns",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("turn_id", String, nullable=False, unique=True),  # the chat stream's entry id
+    Column("session", String, nullable=False),
+    Column("model", String, nullable=False),
+    Column("messages", JSONColumn, nullable=False),
+    Column("created_at", Double, nullable=False, index=True),
+)
+
+
+@dataclass(frozen=True)
+class StoredVote:
+    """A vote as archived: the record plus when and from which stream entry it was stored."""
+
+    record: VoteRecord
+    archived_at: float
+    stream_entry_id: str | None
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    turn_id: str  # idempotency key (the chat stream entry id)
+    session: str
+    model: str
+    messages: list[Message]
+    created_at: float
+
+
+class PairCount(NamedTuple):
+    model_a: str
+    model_b: str
+    winner: str
+    n: int
+
+
+TimeBound = datetime | float | None
+
+
+def _epoch(bound: TimeBound) -> float | None:
+    """A datetime (naive = UTC) or Unix seconds, as Unix seconds."""
+    if bound is None or isinstance(bound, float | int):
+        return bound
+    if bound.tzinfo is None:
+        return (bound - datetime(1970, 1, 1)).total_seconds()
+    return bound.timestamp()
+
+
+def _make_engine(url: str) -> Engine:
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True)
+    if parsed.database and parsed.database != ":memory:":
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(
+        url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False}
+    )
+
+    @event.listens_for(engine, "connect")
+    def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+        # WAL: readers (export, the ranker's refit) never block the archiver; FULL: a commit
+        # is on disk before the archiver acknowledges the stream entries it holds.
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.close()
+
+    return engine
+
+
+class Archive:
+    """The archive database behind one SQLAlchemy URL (SQLite or PostgreSQL)."""
+
+    def __init__(self, url: str, create: bool = True) -> None:
+        self.url = url
+        self.engine = _make_engine(url)
+        self.dialect = self.engine.dialect.name
+        if self.dialect not in ("sqlite", "postgresql"):
+            raise ValueError(f"archive supports SQLite and PostgreSQL, not {self.dialect}")
+        if create:
+            self.create_tables()
+
+    def create_tables(self) -> None:
+        try:
+            metadata.create_all(self.engine)
+        except (IntegrityError, OperationalError, ProgrammingError):
+            # Two processes starting at once can both see "no table" and race to create it:
+            # the loser's second look finds the tables.
+            time.sleep(0.2)
+            metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def _insert_or_ignore(self, table: Table, key: str) -> Any:
+        dialect = postgresql if self.dialect == "postgresql" else sqlite
+        return dialect.insert(table).on_conflict_do_nothing(index_elements=[key])
+
+    # --- writes ------------------------------------------------------------------------
+    def insert_votes(
+        self, records: Sequence[VoteRecord], entry_ids: Sequence[str | None] | None = None
+    ) -> int:
+        """Store the votes not already archived, in one transaction; returns how many were new.
+
+        `entry_ids[i]` is the stream entry that carried `records[i]` (kept for tracing).
+        """
+        if entry_ids is not None and len(entry_ids) != len(records):
+            raise ValueError("entry_ids must match records one to one")
+        now = time.time()
+        rows: dict[str, dict[str, Any]] = {}
+        for i, record in enumerate(records):
+            rows.setdefault(record.vote_id, {
+                "vote_id": record.vote_id, "model_a": record.model_a,
+                "model_b": record.model_b, "winner": record.winner,
+                "conversation_a": record.conversation_a, "conversation_b": record.conversation_b,
+                "answer_a": record.answer_a, "answer_b": record.answer_b,
+                "session": record.session, "battle_created_at": record.battle_created_at,
+                "voted_at": record.voted_at, "archived_at": now,
+                "stream_entry_id": entry_ids[i] if entry_ids is not None else None,
+            })
+        if not rows:
+            return 0
+        statement = self._insert_or_ignore(votes, "vote_id").returning(votes.c.vote_id)
+        with self.engine.begin() as conn:
+            return len(conn.execute(statement, list(rows.values())).all())
+
+    def insert_chat_turns(self, turns: Sequence[ChatTurn]) -> int:
+        """Store the chat turns not already archived; returns how many were new."""
+        rows = {turn.turn_id: {
+            "turn_id": turn.turn_id, "session": turn.session, "model": turn.model,
+            "messages": turn.messages, "created_at": turn.created_at,
+        } for turn in turns}
+        if not rows:
+            return 0
+        statement = self._insert_or_ignore(chat_turns, "turn_id").returning(chat_turns.c.turn_id)
+        with self.engine.begin() as conn:
+            return len(conn.execute(statement, list(rows.values())).all())
+
+    # --- reads -------------------------------------------------------------------------
+    def count(self) -> int:
+        """Archived votes."""
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(votes)).scalar_one())
+
+    def count_chat_turns(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(chat_turns)).scalar_one())
+
+    def iter_votes(self, since: TimeBound = None, until: TimeBound = None) -> Iterator[StoredVote]:
+        """Votes with since <= voted_at < until, oldest first, streamed in batches."""
+        query = select(votes).order_by(votes.c.voted_at, votes.c.vote_id)
+        if (start := _epoch(since)) is not None:
+            query = query.where(votes.c.voted_at >= start)
+        if (end := _epoch(until)) is not None:
+            query = query.where(votes.c.voted_at < end)
+        with self.engine.connect() as conn:
+            result = conn.execution_options(yield_per=ITER_BATCH).execute(query)
+            for row in result.mappings():
+                record = VoteRecord(
+                    battle_id=row["vote_id"], model_a=row["model_a"], model_b=row["model_b"],
+                    winner=row["winner"], conversation_a=row["conversation_a"],
+                    conversation_b=row["conversation_b"], answer_a=row["answer_a"],
+                    answer_b=row["answer_b"], session=row["session"],
+                    battle_created_at=row["battle_created_at"], voted_at=row["voted_at"],
+                )
+                yield StoredVote(record, row["archived_at"], row["stream_entry_id"])
+
+    def count_between(self, since: TimeBound = None, until: TimeBound = None) -> int:
+        """How many votes `iter_votes(since, until)` yields (for a progress bar)."""
+        query = select(func.count()).select_from(votes)
+        if (start := _epoch(since)) is not None:
+            query = query.where(votes.c.voted_at >= start)
+        if (end := _epoch(until)) is not None:
+            query = query.where(votes.c.voted_at < end)
+        with self.engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    def pair_counts(self) -> list[PairCount]:
+        """Votes per (model_a, model_b, winner): all the Bradley-Terry refit needs."""
+        query = (
+            select(votes.c.model_a, votes.c.model_b, votes.c.winner, func.count())
+            .group_by(votes.c.model_a, votes.c.model_b, votes.c.winner)
+            .order_by(votes.c.model_a, votes.c.model_b, votes.c.winner)
+        )
+        with self.engine.connect() as conn:
+            return [PairCount(a, b, winner, int(n)) for a, b, winner, n in conn.execute(query)]
+
+    def recent_prompts(self, limit: int) -> list[list[Message]]:
+        """The newest distinct prompts (message lists), newest first: from archived chat
+        turns and from the conversations of voted battles."""
+        if limit <= 0:
+            return []
+        chats = (select(chat_turns.c.messages, chat_turns.c.created_at.label("at"))
+                 .order_by(chat_turns.c.created_at.desc()).limit(limit))
+        voted = (select(votes.c.conversation_a, votes.c.voted_at.label("at"))
+                 .order_by(votes.c.voted_at.desc()).limit(limit))
+        with self.engine.connect() as conn:
+            candidates = list(conn.execute(chats)) + list(conn.execute(voted))
+        candidates.sort(key=lambda row: row[1], reverse=True)
+        prompts: list[list[Message]] = []
+        seen: set[str] = set()
+        for messages, _at in candidates:
+            key = repr(messages)
+            if messages and key not in seen:
+                seen.add(key)
+                prompts.append(messages)
+                if len(prompts) == limit:
+                    break
+        return prompts

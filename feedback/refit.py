@@ -1,0 +1,62 @@
+"""The ranker's periodic Bradley-Terry refit: pair counts from the archive (every vote ever
+archived, so the board of record never depends on stream order or redelivery), a fit with
+bootstrap confidence intervals, stored with a history point by elo/ratings_store.py."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import redis
+
+from elo.bradley_terry import DEFAULT_ANCHOR, PairCounts, bootstrap, count_pairs_coded
+from elo.outcomes import scores_for_a
+from elo.ratings_store import PAIRS_KEY, BTFit, pair_counts_to_json, save_fit
+from feedback.archive import Archive, PairCount
+
+log = logging.getLogger("arena.feedback")
+REFIT_LOCK_KEY = "arena:ratings:refit_lock"
+REFIT_LOCK_MS = 120_000  # longer than any refit; it expires if its holder dies
+
+
+def counts_from_rows(rows: Sequence[PairCount]) -> PairCounts:
+    """elo's PairCounts from the archive's GROUP BY rows (each row's vote repeated n times,
+    integer-coded: a million votes take milliseconds)."""
+    models = sorted({row.model_a for row in rows} | {row.model_b for row in rows})
+    index = {model: i for i, model in enumerate(models)}
+    repeats = np.array([row.n for row in rows], dtype=np.intp)
+    idx_a = np.repeat(np.array([index[row.model_a] for row in rows], dtype=np.intp), repeats)
+    idx_b = np.repeat(np.array([index[row.model_b] for row in rows], dtype=np.intp), repeats)
+    score_a = np.repeat(scores_for_a([row.winner for row in rows]) if rows else np.zeros(0),
+                        repeats)
+    return count_pairs_coded(idx_a, idx_b, score_a, len(models), models)
+
+
+def refit_ratings(client: redis.Redis, archive: Archive, rounds: int, seed: int = 0,
+                  anchor: str = DEFAULT_ANCHOR) -> BTFit | None:
+    """Fit Bradley-Terry with bootstrap CIs on every archived vote and store it with a history
+    point. None, and nothing stored, when there is nothing to fit, nothing changed since the
+    stored fit, or another process is refitting right now."""
+    holder = f"{os.getpid()}"
+    if not client.set(REFIT_LOCK_KEY, holder, nx=True, px=REFIT_LOCK_MS):
+        return None
+    try:
+        counts = counts_from_rows(archive.pair_counts())
+        if counts.n_votes == 0:
+            return None
+        stored = client.get(PAIRS_KEY)
+        if stored is not None and json.loads(stored) == json.loads(pair_counts_to_json(counts)):
+            return None
+        pinned = anchor if anchor in counts.models else None  # else: the mean is 1000
+        result = bootstrap(counts, rounds=rounds, seed=seed, anchor=pinned)
+        fit = BTFit.from_bootstrap(result, counts, pinned)
+        save_fit(client, fit, counts)
+    finally:
+        client.delete(REFIT_LOCK_KEY)
+    ranked = sorted(fit.ratings.items(), key=lambda item: -item[1])
+    log.info("ratings refit on %d votes: %s", fit.n_votes,
+             ", ".join(f"{model} {rating:.0f}" for model, rating in ranked))
+    return fit

@@ -31,3 +31,25 @@ def publish_vote_sync(client: redis.Redis, record: VoteRecord) -> str:
     entry_id = client.xadd(VOTES_STREAM, {RECORD_FIELD: record.to_json(),
                                           "battle_id": record.battle_id})
     return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+
+
+# Accept a battle's vote at most once, atomically: the guard key and the stream entry are
+# written by one script, so there is no moment where a vote is marked as given but not in
+# the stream (or the reverse), and the gateway pays one round-trip and one AOF fsync.
+_ACCEPT_ONCE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
+  return redis.call('XADD', KEYS[2], '*', 'record', ARGV[3], 'battle_id', ARGV[4])
+end
+return false
+"""
+
+
+async def publish_vote_once(client: aioredis.Redis, record: VoteRecord, guard_key: str,
+                            guard_ttl_s: int) -> str | None:
+    """XADD the vote unless `guard_key` exists; returns the entry id, or None if this battle
+    already has a vote. Raises on a Redis error (then nothing was written)."""
+    entry_id = await client.eval(_ACCEPT_ONCE, 2, guard_key, VOTES_STREAM, record.winner,
+                                 guard_ttl_s, record.to_json(), record.battle_id)
+    if entry_id is None:
+        return None
+    return entry_id.decode() if isinstance(entry_id, bytes) else entry_id

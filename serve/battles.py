@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field
 
 from deploy.registry import VersionRecord
 from feedback.vote_record import VoteRecord
-from feedback.vote_stream import publish_vote
+from feedback.vote_stream import publish_vote_once
 from serve.chat import SSE_MEDIA_TYPE, ChatMessage, client_ip, state_of
 from serve.errors import APIError
 from serve.matchmaking import choose_versions
@@ -207,10 +207,6 @@ async def vote(battle_id: str, body: VoteRequest, request: Request) -> dict[str,
     battle = await _load_battle(gw, battle_id, session)
     if "answer_a" not in battle:
         raise APIError(409, "This battle's answers are not finished yet.", "battle_incomplete")
-    voted_key = VOTED_KEY.format(id=battle_id)
-    # SET NX is the once-per-battle guard shared by every gateway process.
-    if not await gw.redis.set(voted_key, body.winner, nx=True, ex=gw.settings.battle_ttl_s):
-        raise APIError(409, "This battle already has a vote.", "already_voted")
     record = VoteRecord(
         battle_id=battle_id, model_a=battle["model_a"], model_b=battle["model_b"],
         winner=body.winner,
@@ -219,11 +215,14 @@ async def vote(battle_id: str, body: VoteRequest, request: Request) -> dict[str,
         battle_created_at=battle["created_at"],
     )
     try:
-        await publish_vote(gw.redis, record)
+        # Once per battle, shared by every gateway process: guard key + XADD in one script.
+        entry = await publish_vote_once(gw.redis, record, VOTED_KEY.format(id=battle_id),
+                                        gw.settings.battle_ttl_s)
     except Exception as error:
-        await gw.redis.delete(voted_key)  # not accepted: the user may vote again
         raise APIError(503, f"The vote could not be stored ({error}); please retry.",
                        "vote_store_unavailable", headers={"Retry-After": "2"}) from error
+    if entry is None:
+        raise APIError(409, "This battle already has a vote.", "already_voted")
     gw.metrics.votes.labels(body.winner).inc()
     return {"battle_id": battle_id, "winner": body.winner,
             "a_model": battle["model_a"], "b_model": battle["model_b"]}

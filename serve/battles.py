@@ -174,7 +174,8 @@ async def create_battle(body: BattleRequest, request: Request):
     battle = {
         "battle_id": uuid.uuid4().hex, "session": session, "created_at": time.time(),
         "model_a": record_a.id, "model_b": record_b.id,
-        "conversation_a": [dict(m) for m in messages], "conversation_b": [dict(m) for m in messages],
+        "conversation_a": [dict(m) for m in messages],
+        "conversation_b": [dict(m) for m in messages],
     }
     gw.metrics.requests.labels("battle", "-").inc()
     return await _run_turn(gw, battle, [record_a, record_b],

@@ -5,6 +5,7 @@ loaded on the replica that serves it (a replica that restarted has none loaded).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 from collections.abc import AsyncIterator
@@ -77,11 +78,9 @@ class ReplicaPool:
 
     async def unload_everywhere(self, version: str) -> None:
         for replica in self.replicas:
-            try:
+            with contextlib.suppress(httpx.HTTPError):
                 await self.client.post(f"{replica.url}/v1/unload_lora_adapter",
                                        json={"lora_name": version})
-            except httpx.HTTPError:
-                pass
             replica.loaded.discard(version)
 
     @staticmethod
@@ -146,7 +145,8 @@ class ReplicaPool:
     async def health(self) -> dict[str, bool]:
         async def one(replica: Replica) -> bool:
             try:
-                ok = (await self.client.get(f"{replica.url}/health", timeout=2.0)).status_code == 200
+                response = await self.client.get(f"{replica.url}/health", timeout=2.0)
+                ok = response.status_code == 200
             except httpx.HTTPError:
                 ok = False
             if not ok:

@@ -184,7 +184,8 @@ class VLLMProcess:
 
 
 @pytest.fixture(scope="session")
-def vllm_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMProcess]:
+def vllm_server(tiny_model_dir: Path,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMProcess]:
     """One real vLLM OpenAI server on the tiny model for the whole session (~20-40 s start)."""
     server = VLLMProcess(tiny_model_dir, tmp_path_factory.mktemp("vllm") / "vllm.log")
     yield server

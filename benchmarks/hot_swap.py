@@ -5,9 +5,10 @@ registers two LoRA versions through the admin API, then keeps N clients looping 
 completions with model="current" (official `openai` client, no retries) and:
 
   1. promotes the versions in turn (--swaps times): for each, the time the promote call
-     takes (load into every replica + flip the alias), the time from the call to the first
-     token and to the first whole response served by the new version (clients stream), and
-     the requests that failed;
+     takes (load into every replica + flip the alias); the time from the call to the first
+     token and to the whole response of a request sent as soon as the call returns (it must
+     be served by the new version); when the looping clients, busy with requests begun on
+     the old version, first get a response from the new one; and the requests that failed;
   2. restarts the vLLM server with the new weights (`--lora-modules`), under the same load:
      the time from stopping it to the first answer from the new weights, and the requests
      that failed meanwhile (a client whose request failed waits 0.1 s before the next).
@@ -82,12 +83,12 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 class ChatLoad:
-    """Client threads streaming chat completions on model="current"; every result kept as
-    (started, first token, finished, model or None, error or None), monotonic seconds."""
+    """Client threads streaming chat completions on model="current", one request after the
+    other; every result kept as (started, finished, model or None, error or None)."""
 
     def __init__(self, url: str, clients: int, max_tokens: int) -> None:
         self.url, self.max_tokens = url, max_tokens
-        self.results: list[tuple[float, float, float, str | None, str | None]] = []
+        self.results: list[tuple[float, float, str | None, str | None]] = []
         self.stopping = threading.Event()
         self.threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(clients)]
 
@@ -96,38 +97,31 @@ class ChatLoad:
                                timeout=120)
         while not self.stopping.is_set():
             started = time.monotonic()
-            first, model = 0.0, None
             try:
                 stream = client.chat.completions.create(
                     model="current", messages=PROMPT, max_tokens=self.max_tokens,
                     temperature=0.8, stream=True, extra_body={"ignore_eos": True})
-                for chunk in stream:
-                    if model is None:
-                        first, model = time.monotonic(), chunk.model
-                self.results.append((started, first, time.monotonic(), model, None))
+                models = {chunk.model for chunk in stream}
+                self.results.append((started, time.monotonic(), ",".join(sorted(models)), None))
             except openai.OpenAIError as error:
-                now = time.monotonic()
-                self.results.append((started, now, now, None, repr(error)[:200]))
+                self.results.append((started, time.monotonic(), None, repr(error)[:200]))
                 time.sleep(FAILED_BACKOFF_S)
 
-    def first_from(self, version: str, after: float, timeout: float = 120,
-                   token: bool = False) -> float:
-        """When the first request started after `after` and served by `version` finished
-        (or, with token=True, sent its first token)."""
+    def first_from(self, version: str, after: float, timeout: float = 120) -> float:
+        """When the first request begun after `after` and served by `version` finished."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            done = [r[1] if token else r[2] for r in list(self.results)
-                    if r[3] == version and r[0] >= after]
+            done = [r[1] for r in list(self.results) if r[2] == version and r[0] >= after]
             if done:
                 return min(done)
             time.sleep(0.005)
         raise RuntimeError(f"no response from {version} within {timeout}s")
 
     def failed_between(self, start: float, end: float) -> int:
-        return sum(1 for r in list(self.results) if r[4] is not None and start <= r[2] <= end)
+        return sum(1 for r in list(self.results) if r[3] is not None and start <= r[1] <= end)
 
     def latencies(self) -> list[float]:
-        return [r[2] - r[0] for r in list(self.results) if r[4] is None]
+        return [r[1] - r[0] for r in list(self.results) if r[3] is None]
 
     def __enter__(self) -> ChatLoad:
         for t in self.threads:
@@ -138,6 +132,18 @@ class ChatLoad:
         self.stopping.set()
         for t in self.threads:
             t.join(timeout=120)
+
+
+def probe(url: str, max_tokens: int) -> tuple[str | None, float, float]:
+    """One streamed request on model="current", sent now: (model, first token at, done at)."""
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+    model, first = None, 0.0
+    for chunk in client.chat.completions.create(
+            model="current", messages=PROMPT, max_tokens=max_tokens, temperature=0.8,
+            stream=True, extra_body={"ignore_eos": True}):
+        if model is None:
+            model, first = chunk.model, time.monotonic()
+    return model, first, time.monotonic()
 
 
 def start_vllm(settings: Settings, model_dir: Path, port: int, log: Path,
@@ -212,19 +218,22 @@ def main() -> None:
                 called = time.monotonic()
                 result = admin.promote(new)
                 returned = time.monotonic()
-                first = load.first_from(new, after=called)
-                first_token = load.first_from(new, after=called, token=True)
+                model, token_at, done_at = probe(gw_url, args.max_tokens)
+                assert model == new, f"a request sent after the promote got {model}"
+                busy_first = load.first_from(new, after=called)
                 time.sleep(args.settle_s)
                 swaps.append({"to": new, "from": result["before"]["current"],
                               "promote_call_s": returned - called,
-                              "to_first_token_s": first_token - called,
-                              "to_first_response_s": first - called,
+                              "to_first_token_s": token_at - called,
+                              "to_first_response_s": done_at - called,
+                              "busy_clients_first_response_s": busy_first - called,
                               "failed": load.failed_between(called, time.monotonic())})
                 print(f"swap {i + 1}: {swaps[-1]}", flush=True)
             figures["swaps"] = swaps
             figures["request_latency_p50_s"] = statistics.median(load.latencies())
             figures["requests_total_during_swaps"] = len(load.results)
-            figures["failed_total_during_swaps"] = sum(1 for r in load.results if r[4])
+            figures["failed_total_during_swaps"] = sum(1 for r in load.results if r[3])
+            figures["served"] = sorted({r[2] for r in load.results if r[2]})
             if not args.skip_restart:
                 # the alternative: restart the server with the new weights, same load
                 stopped_at = time.monotonic()
@@ -260,8 +269,9 @@ def report(figures: dict) -> None:
           f"{figures['request_latency_p50_s']:.3f} s under load")
     print(f"  {'':<34}{'median':>10}{'max':>10}")
     for key, label in (("promote_call_s", "promote call (load + flip)"),
-                       ("to_first_token_s", "promote -> first token of new"),
-                       ("to_first_response_s", "promote -> first new response")):
+                       ("to_first_token_s", "promote -> first token, new"),
+                       ("to_first_response_s", "promote -> whole response, new"),
+                       ("busy_clients_first_response_s", "  (looping clients' first new)")):
         values = [s[key] for s in swaps]
         summary[f"{key}_median"], summary[f"{key}_max"] = statistics.median(values), max(values)
         print(f"  {label:<34}{summary[f'{key}_median']:>9.3f}s{summary[f'{key}_max']:>9.3f}s")

@@ -1,0 +1,170 @@
+"""The operator API of the gateway (included by serve/app.py when this module exists).
+
+Every call needs `Authorization: Bearer <admin token>`; errors are in OpenAI's format:
+401 (no or wrong token), 404 (unknown version), 409 (transition not allowed), 400 (refused
+checkpoint), 503 (a replica could not load the version; `current` unchanged).
+
+    GET  /admin/versions                  every version record, and the current one
+    GET  /admin/versions/{id}             one record
+    POST /admin/versions {"path": DIR}    register an adapter folder as a candidate
+    POST /admin/versions/{id}/promote     load everywhere, then make it current
+    POST /admin/rollback                  the previous current comes back
+    POST /admin/versions/{id}/retire      out of serving and battles (files stay)
+
+An optional `X-Arena-Actor` header names who acted, for the records and the audit log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from dataclasses import asdict
+from typing import Any, Literal
+
+import redis
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from arena.secrets import admin_token
+from deploy import hot_swap, store
+from deploy.adapter_check import AdapterRefused
+from deploy.registry import Registry, UnknownVersion, VersionRecord
+from deploy.states import TransitionError
+from serve.errors import APIError
+from serve.state import GatewayState
+
+log = logging.getLogger("arena.deploy.admin")
+ACTOR_HEADER = "x-arena-actor"
+MAX_ACTOR_LEN = 64
+
+
+def _gateway(request: Request) -> GatewayState:
+    return request.app.state.gateway
+
+
+def _client_ip(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+async def require_admin(request: Request) -> str:
+    """Check the bearer token; return who is acting (header, else admin@<ip>)."""
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    expected = admin_token(_gateway(request).settings)
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
+                                                             expected.encode()):
+        log.warning("refused operator call %s %s from %s: %s", request.method,
+                    request.url.path, _client_ip(request),
+                    "no bearer token" if not header else "wrong token")
+        raise APIError(401, "Operator calls need 'Authorization: Bearer <admin token>' (the "
+                            "ARENA_ADMIN_TOKEN of this deployment); the token is missing or "
+                            "wrong.", "invalid_admin_token",
+                       headers={"WWW-Authenticate": "Bearer"})
+    actor = request.headers.get(ACTOR_HEADER, "").strip()[:MAX_ACTOR_LEN]
+    return actor or f"admin@{_client_ip(request)}"
+
+
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+
+
+def registry_of(request: Request) -> Registry:
+    """The registry on a (synchronous) Redis client, made once per gateway process."""
+    state = request.app.state
+    if getattr(state, "deploy_registry", None) is None:
+        settings = _gateway(request).settings
+        state.deploy_registry = Registry(redis.Redis.from_url(settings.effective_redis_url),
+                                         settings.data_dir / "audit.log")
+    return state.deploy_registry
+
+
+class RegisterRequest(BaseModel):
+    path: str = Field(min_length=1, description="A peft save_pretrained folder on this host.")
+    kind: Literal["policy", "reward"] = "policy"
+    parent: str | None = None
+    metrics: dict[str, Any] | None = None
+
+
+def _record(record: VersionRecord, current: str) -> dict[str, Any]:
+    return {**asdict(record), "object": "version", "is_current": record.id == current}
+
+
+async def _call(coro: Any) -> Any:
+    """Map registry and swap errors to OpenAI-format answers."""
+    try:
+        return await coro
+    except UnknownVersion as error:
+        raise APIError(404, f"No version named '{error.version}'.", "version_not_found",
+                       "id") from error
+    except TransitionError as error:
+        raise APIError(409, str(error), "invalid_transition") from error
+    except hot_swap.LoadFailed as error:
+        raise APIError(503, f"{error}; `current` was not changed.", "adapter_load_failed",
+                       headers={"Retry-After": "5"}) from error
+
+
+@router.get("/versions")
+async def list_versions(request: Request) -> dict[str, Any]:
+    registry = registry_of(request)
+    records, current = await asyncio.gather(asyncio.to_thread(registry.all),
+                                            asyncio.to_thread(registry.current))
+    return {"object": "list", "current": current, "data": [_record(r, current) for r in records]}
+
+
+@router.get("/versions/{version}")
+async def get_version(version: str, request: Request) -> dict[str, Any]:
+    registry = registry_of(request)
+    record = await _call(asyncio.to_thread(registry.get, version))
+    return _record(record, await asyncio.to_thread(registry.current))
+
+
+@router.post("/versions", status_code=201)
+async def register_version(body: RegisterRequest, request: Request,
+                           actor: str = Depends(require_admin)) -> JSONResponse:
+    """Check and copy the folder into the store, load it into the replicas (a replica that
+    refuses it refuses the registration), then record it as a candidate."""
+    gw, registry = _gateway(request), registry_of(request)
+    try:
+        staged = await asyncio.to_thread(store.stage, gw.settings, registry, body.path,
+                                         body.kind, body.parent, body.metrics)
+    except AdapterRefused as error:
+        log.warning("refused checkpoint %s (%s): %s", body.path, error.code, error)
+        raise APIError(400, f"Checkpoint {body.path} refused: {error}", error.code,
+                       "path") from error
+    loaded: list[str] = []
+    if staged.kind == "policy":
+        record = VersionRecord(id=staged.id, kind="policy", state="candidate",
+                               path=str(staged.path), files=staged.manifest.files)
+        try:
+            loaded = await hot_swap.load_everywhere(gw.pool, record, require_one=False)
+        except hot_swap.LoadFailed as error:
+            await gw.pool.unload_everywhere(staged.id)
+            store.discard(staged)
+            raise APIError(400, f"Checkpoint refused by the model server: {error}",
+                           "checkpoint_incompatible", "path") from error
+    record = await asyncio.to_thread(store.commit, registry, staged, actor)
+    body_out = _record(record, await asyncio.to_thread(registry.current))
+    return JSONResponse({**body_out, "loaded_on": loaded}, status_code=201)
+
+
+@router.post("/versions/{version}/promote")
+async def promote_version(version: str, request: Request,
+                          actor: str = Depends(require_admin)) -> dict[str, Any]:
+    result = await _call(hot_swap.promote(_gateway(request).pool, registry_of(request),
+                                          version, actor))
+    return result.to_dict()
+
+
+@router.post("/rollback")
+async def rollback(request: Request, actor: str = Depends(require_admin)) -> dict[str, Any]:
+    result = await _call(hot_swap.rollback(_gateway(request).pool, registry_of(request), actor))
+    return result.to_dict()
+
+
+@router.post("/versions/{version}/retire")
+async def retire_version(version: str, request: Request,
+                         actor: str = Depends(require_admin)) -> dict[str, Any]:
+    result = await _call(hot_swap.retire(_gateway(request).pool, registry_of(request),
+                                         version, actor))
+    return result.to_dict()

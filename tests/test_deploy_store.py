@@ -1,0 +1,232 @@
+"""The version store and its checks, on real files and the real Redis (no model server):
+registering copies atomically with a manifest; corrupt, missing or incompatible adapters are
+refused and leave nothing behind; auto-promotion's rule."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import redis
+
+from arena.settings import Settings
+from arena.tiny_model import build_lora_adapter
+from deploy.adapter_check import AdapterRefused
+from deploy.auto_promote import (
+    Rating,
+    maybe_promote,
+    pick_promotion,
+    ratings_from_leaderboard,
+    should_auto_promote,
+)
+from deploy.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    ManifestError,
+    hash_folder,
+    read_manifest,
+    sha256_file,
+    verify,
+    write_manifest,
+)
+from deploy.registry import Registry
+from deploy.store import register_adapter, register_reward_model
+
+WEIGHTS = "adapter_model.safetensors"
+
+
+@pytest.fixture
+def registry(settings: Settings) -> Registry:
+    reg = Registry(redis.Redis.from_url(settings.effective_redis_url),
+                   settings.data_dir / "audit.log")
+    reg.ensure_base()
+    return reg
+
+
+def copy_adapter(src: Path, dst: Path, with_manifest: bool = False) -> Path:
+    shutil.copytree(src, dst)
+    if with_manifest:
+        write_manifest(dst, Manifest(files=hash_folder(dst), parent="base",
+                                     metrics={"reward": 0.25}, extra={"trainer": "trl"}))
+    return dst
+
+
+def flip_byte(path: Path, offset_from_end: int = 100) -> None:
+    data = bytearray(path.read_bytes())
+    data[-offset_from_end] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def store_entries(settings: Settings) -> list[str]:
+    root = settings.versions_dir
+    return sorted(p.name for p in root.iterdir()) if root.exists() else []
+
+
+def assert_refused(settings: Settings, registry: Registry, src: Path, code: str,
+                   *words: str) -> None:
+    with pytest.raises(AdapterRefused) as info:
+        register_adapter(settings, registry, src, actor="test")
+    assert info.value.code == code, str(info.value)
+    for word in words:
+        assert word in str(info.value), str(info.value)
+    assert [r.id for r in registry.all()] == ["base"]
+    assert registry.current() == "base"
+    assert store_entries(settings) == []  # no version folder, no staging folder left
+
+
+# --- manifests ------------------------------------------------------------------------------
+def test_manifest_round_trip_and_verify(tmp_path: Path, lora_adapters: list[Path]) -> None:
+    folder = copy_adapter(lora_adapters[0], tmp_path / "a", with_manifest=True)
+    manifest = read_manifest(folder)
+    assert manifest is not None and manifest.extra == {"trainer": "trl"}
+    assert manifest.files[WEIGHTS] == sha256_file(folder / WEIGHTS)
+    assert MANIFEST_NAME not in manifest.files
+    verify(folder, manifest)
+    flip_byte(folder / WEIGHTS)
+    with pytest.raises(ManifestError, match="does not match its sha256"):
+        verify(folder, manifest)
+    (folder / "adapter_config.json").unlink()
+    with pytest.raises(ManifestError, match="adapter_config.json is missing"):
+        verify(folder, manifest)
+
+
+def test_manifest_refuses_paths_outside_its_folder(tmp_path: Path) -> None:
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps({"files": {"../x": "00"}}))
+    with pytest.raises(ManifestError, match="outside its folder"):
+        read_manifest(tmp_path)
+
+
+# --- registering ----------------------------------------------------------------------------
+def test_register_copies_into_store_with_manifest(settings: Settings, registry: Registry,
+                                                  lora_adapters: list[Path]) -> None:
+    record = register_adapter(settings, registry, lora_adapters[0], metrics={"kl": 0.1},
+                              actor="learner")
+    assert (record.id, record.kind, record.state, record.parent) == (
+        "policy-v1", "policy", "candidate", "base")
+    folder = Path(record.path)
+    assert folder == (settings.versions_dir / "policy-v1").resolve()
+    assert store_entries(settings) == ["policy-v1"]
+    manifest = read_manifest(folder)
+    assert manifest is not None and manifest.metrics == {"kl": 0.1}
+    assert manifest.files == record.files == hash_folder(folder)
+    assert record.files[WEIGHTS] == sha256_file(lora_adapters[0] / WEIGHTS)
+    assert registry.get("policy-v1") == record
+    audit = [json.loads(line) for line in (settings.data_dir / "audit.log").read_text()
+             .splitlines()]
+    assert audit[-1]["action"] == "register" and audit[-1]["version"] == "policy-v1"
+    assert audit[-1]["actor"] == "learner"
+
+    second = register_adapter(settings, registry, lora_adapters[1])
+    assert second.id == "policy-v2" and registry.current() == "base"
+
+
+def test_register_keeps_the_source_manifest(settings: Settings, registry: Registry,
+                                            lora_adapters: list[Path], tmp_path: Path) -> None:
+    src = copy_adapter(lora_adapters[0], tmp_path / "trained", with_manifest=True)
+    (src / "notes.txt").write_text("not in the manifest: not copied")
+    record = register_adapter(settings, registry, src)
+    assert record.metrics == {"reward": 0.25}
+    manifest = read_manifest(Path(record.path))
+    assert manifest is not None and manifest.extra["trainer"] == "trl"
+    assert not (Path(record.path) / "notes.txt").exists()
+
+
+def test_refuses_a_flipped_byte(settings: Settings, registry: Registry,
+                                lora_adapters: list[Path], tmp_path: Path) -> None:
+    src = copy_adapter(lora_adapters[0], tmp_path / "corrupt", with_manifest=True)
+    flip_byte(src / WEIGHTS)
+    assert_refused(settings, registry, src, "checkpoint_corrupt", WEIGHTS, "sha256")
+
+
+def test_refuses_missing_files(settings: Settings, registry: Registry,
+                               lora_adapters: list[Path], tmp_path: Path) -> None:
+    listed = copy_adapter(lora_adapters[0], tmp_path / "listed", with_manifest=True)
+    (listed / WEIGHTS).unlink()
+    assert_refused(settings, registry, listed, "checkpoint_missing", WEIGHTS)
+    bare = copy_adapter(lora_adapters[0], tmp_path / "bare")
+    (bare / WEIGHTS).unlink()
+    assert_refused(settings, registry, bare, "checkpoint_missing", WEIGHTS)
+    assert_refused(settings, registry, tmp_path / "nowhere", "checkpoint_missing",
+                   "not a folder")
+
+
+def test_refuses_a_truncated_file(settings: Settings, registry: Registry,
+                                  lora_adapters: list[Path], tmp_path: Path) -> None:
+    src = copy_adapter(lora_adapters[0], tmp_path / "cut")
+    data = (src / WEIGHTS).read_bytes()
+    (src / WEIGHTS).write_bytes(data[:-64])
+    assert_refused(settings, registry, src, "checkpoint_corrupt", "truncated")
+
+
+def test_refuses_rank_above_the_servers_maximum(settings: Settings, registry: Registry,
+                                                tiny_model_dir: Path, tmp_path: Path) -> None:
+    src = build_lora_adapter(tiny_model_dir, tmp_path / "r64", seed=3, rank=64)
+    assert settings.vllm_max_lora_rank == 16
+    assert_refused(settings, registry, src, "checkpoint_incompatible", "rank 64", "16")
+
+
+def test_refuses_an_adapter_for_another_base(settings: Settings, registry: Registry,
+                                             tmp_path: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other = tmp_path / "other-base"
+    LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=96, intermediate_size=128,
+                                 num_hidden_layers=3, num_attention_heads=3,
+                                 num_key_value_heads=3, head_dim=32)).save_pretrained(other)
+    src = build_lora_adapter(other, tmp_path / "other-lora", seed=4)
+    # adapter_config.json names a base folder we can read: its shape is compared first
+    assert_refused(settings, registry, src, "checkpoint_incompatible", "hidden size 96",
+                   "hidden size 64")
+    # trained elsewhere (a hub id we cannot read): the tensor shapes give it away
+    config = json.loads((src / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "HuggingFaceTB/SmolLM2-360M-Instruct"
+    (src / "adapter_config.json").write_text(json.dumps(config))
+    assert_refused(settings, registry, src, "checkpoint_incompatible", "different base",
+                   "shape")
+
+
+def test_register_reward_model(settings: Settings, registry: Registry,
+                               lora_adapters: list[Path]) -> None:
+    record = register_reward_model(settings, registry, lora_adapters[0], metrics={"acc": 0.7})
+    assert (record.id, record.kind, record.state) == ("rm-v1", "reward", "candidate")
+    assert [r.id for r in registry.policies()] == ["base"]
+
+
+# --- auto-promotion -------------------------------------------------------------------------
+def test_should_auto_promote_is_the_lower_bound_rule() -> None:
+    current = Rating(1000.0, 1000.0, 1000.0)
+    assert should_auto_promote(Rating(1060.0, 1001.0, 1120.0), current)
+    assert not should_auto_promote(Rating(1060.0, 1000.0, 1120.0), current)
+    assert not should_auto_promote(Rating(1200.0, 990.0, 1400.0), current)
+    assert not should_auto_promote(None, current)
+    assert not should_auto_promote(Rating(1060.0, 1050.0, 1070.0), None)
+
+
+def test_pick_promotion_takes_the_surest_candidate() -> None:
+    board = ratings_from_leaderboard({
+        "base": {"rating": 1000, "lower": 1000, "upper": 1000},
+        "policy-v1": {"rating": 1100, "lower": 1010, "upper": 1190},
+        "policy-v2": {"rating": 1080, "lower": 1040, "upper": 1120},
+        "policy-v3": {"rating": 1300, "lower": 900, "upper": 1700},
+        "policy-v4": {"rating": 1500},  # no interval yet: never promoted
+    })
+    assert set(board) == {"base", "policy-v1", "policy-v2", "policy-v3"}
+    candidates = ["policy-v1", "policy-v2", "policy-v3", "policy-v4"]
+    assert pick_promotion("base", candidates, board) == "policy-v2"
+    assert pick_promotion("policy-v2", ["base", "policy-v1"], board) is None
+    columns = ratings_from_leaderboard({"ratings": {"base": 1000.0, "policy-v1": 1100.0},
+                                        "lower": {"base": 1000.0, "policy-v1": 1050.0},
+                                        "upper": {"base": 1000.0, "policy-v1": 1150.0}})
+    assert columns["policy-v1"] == Rating(1100.0, 1050.0, 1150.0)
+
+
+def test_maybe_promote_is_off_by_default(settings: Settings, registry: Registry,
+                                         lora_adapters: list[Path]) -> None:
+    register_adapter(settings, registry, lora_adapters[0])
+    board = {"base": {"rating": 1000, "lower": 1000, "upper": 1000},
+             "policy-v1": {"rating": 1200, "lower": 1150, "upper": 1250}}
+    assert settings.auto_promote is False
+    assert maybe_promote(registry, board, settings) is None
+    assert registry.current() == "base"

@@ -9,13 +9,14 @@ import time
 from contextlib import AsyncExitStack
 from typing import Any, Literal
 
+import httpx
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from deploy.registry import CURRENT_ALIAS
 from feedback.vote_stream import CHATS_STREAM
-from serve.errors import error_response
+from serve.errors import error_body, error_response
 from serve.state import GatewayState
 
 router = APIRouter()
@@ -124,6 +125,13 @@ async def _stream(gw: GatewayState, payload: dict, version: str, adapter: str | 
             async for raw in upstream.aiter_raw():
                 chunks += raw.count(b"data: {")
                 yield raw
+        except httpx.HTTPError as error:
+            # The model server died mid-answer: the status line is long sent, so say it in
+            # the stream (OpenAI clients raise on an `error` event) and end it cleanly.
+            gw.metrics.errors.labels("chat", "502").inc()
+            body = error_body(502, f"The model server stopped mid-answer ({error!r}); retry.",
+                              "upstream_interrupted")
+            yield f"data: {json.dumps(body)}\n\n".encode()
         finally:
             # Runs on normal end and on client disconnect (the task is cancelled): closing
             # the upstream response makes vLLM abort the generation.

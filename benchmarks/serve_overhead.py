@@ -132,6 +132,8 @@ def main() -> None:
     parser.add_argument("--skip-lora", action="store_true")
     parser.add_argument("--skip-transformers", action="store_true")
     args = parser.parse_args()
+    # A timeout's SIGTERM must still run the `finally` below, or the servers outlive us.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     work = Path(tempfile.mkdtemp(prefix="arena-bench-"))
     model_dir = build_tiny_model(work / "tiny") if args.model == "tiny" else Path(args.model)

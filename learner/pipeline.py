@@ -1,0 +1,281 @@
+"""One reward-model run and one policy run, as plain functions (the Celery tasks call them;
+tests and scripts can too): read votes, train, publish a versioned artefact atomically,
+register it in the version registry.
+
+Idempotent under re-delivery (`acks_late`): everything is keyed by the task id. A run that
+already published its version (manifest `task_id`) just makes sure it is registered and
+returns it; a policy run that was killed resumes from its last checkpoint in
+`<versions>/.work/<task id>/`; the vote range (`until`) is fixed at the first attempt and
+re-used, so a re-run trains on the same data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from arena.settings import Settings
+from learner import artifacts
+from learner.presets import Preset, get_preset
+
+log = logging.getLogger(__name__)
+Progress = Callable[[dict[str, Any]], None]
+
+_BOUND = False
+
+
+class NotEnoughVotes(ValueError):
+    """Nothing to train a reward model on yet."""
+
+
+def bound_resources(settings: Settings) -> None:
+    """Training must not starve serving: few torch threads, lower CPU priority (once per
+    process: os.nice is cumulative)."""
+    global _BOUND
+    import torch
+
+    torch.set_num_threads(max(1, settings.learner_threads))
+    if not _BOUND:
+        _BOUND = True
+        if settings.learner_nice:
+            try:
+                os.nice(settings.learner_nice)
+            except OSError as error:
+                log.warning("could not renice the learner: %s", error)
+
+
+def preset_for(settings: Settings) -> Preset:
+    preset = get_preset(settings.learner_preset)
+    if settings.learner_ppo_steps is not None:
+        preset = replace(preset, ppo=replace(preset.ppo, steps=settings.learner_ppo_steps))
+    return preset
+
+
+def registry_for(settings: Settings) -> Any:
+    import redis
+
+    from deploy.registry import Registry
+
+    return Registry(redis.Redis.from_url(settings.effective_redis_url),
+                    settings.data_dir / "audit.log")
+
+
+def _register(settings: Settings, registry: Any, record_kwargs: dict[str, Any]) -> None:
+    """Register the published version as a candidate; a registry that is down leaves the
+    manifest on disk (the version can be registered from it later)."""
+    from deploy.registry import VersionRecord
+    from deploy.states import TransitionError
+
+    try:
+        registry.add(VersionRecord(**record_kwargs), actor="learner")
+    except TransitionError:
+        pass  # already registered by an earlier attempt of this task
+    except Exception as error:  # noqa: BLE001
+        log.warning("could not register %s (manifest stays on disk): %s",
+                    record_kwargs["id"], error)
+
+
+def _next_id(registry: Any, kind: str) -> Callable[[], str] | None:
+    if registry is None:
+        return None
+    return lambda: registry.next_id("policy" if kind == "policy" else "reward")
+
+
+def _work_dir(settings: Settings, task_id: str) -> Path:
+    return settings.versions_dir / artifacts.WORK_DIR / task_id
+
+
+def _task_state(settings: Settings, task_id: str, **defaults: Any) -> dict[str, Any]:
+    """Per-task facts fixed at the first attempt (e.g. the vote range), re-used on re-runs."""
+    path = _work_dir(settings, task_id) / "task.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(defaults))
+    os.replace(tmp, path)
+    return defaults
+
+
+def _already_published(settings: Settings, registry: Any, kind: str, task_id: str,
+                       registry_kind: str) -> dict[str, Any] | None:
+    folder = artifacts.find_by_task(settings.versions_dir, kind, task_id)
+    if folder is None:
+        return None
+    manifest = artifacts.read_manifest(folder)
+    if registry is not None:
+        _register(settings, registry, dict(
+            id=manifest["id"], kind=registry_kind, state="candidate",
+            parent=manifest.get("parent"), path=str(folder), metrics=manifest["metrics"],
+            files=manifest["files"]))
+    log.info("task %s already published %s", task_id, manifest["id"])
+    return {"version": manifest["id"], "path": str(folder), "metrics": manifest["metrics"],
+            "resumed": "published"}
+
+
+# --- reward model ------------------------------------------------------------------------------
+def run_reward_model(settings: Settings, task_id: str, votes_jsonl: str | Path | None = None,
+                     progress: Progress | None = None, registry: Any = None) -> dict[str, Any]:
+    from learner.reward_model import save_reward_model, train_reward_model
+    from learner.votes import data_range, vote_source
+
+    versions = settings.versions_dir
+    artifacts.clean_stale_temp(versions)
+    if (done := _already_published(settings, registry, "rm", task_id, "reward")) is not None:
+        return done
+    preset = preset_for(settings)
+    state = _task_state(settings, task_id, until=time.time())
+    source = vote_source(settings, votes_jsonl)
+    votes = source.votes(until=state["until"])
+    if not votes:
+        raise NotEnoughVotes(f"no votes in {source.describe()} yet")
+    base = settings.learner_reward_base_model or settings.base_model_path
+    try:
+        result = train_reward_model(votes, base, preset.reward, progress)
+    except ValueError as error:
+        raise NotEnoughVotes(str(error)) from error
+
+    version = artifacts.allocate_id(versions, "rm", _next_id(registry, "rm"))
+    final = versions / version
+    with artifacts.atomic_dir(final, kind="rm") as tmp:
+        save_reward_model(result.model, tmp)
+        manifest = artifacts.write_manifest(tmp, {
+            "id": version, "kind": "reward", "task_id": task_id, "base_model": str(base),
+            "data_range": data_range(votes, source.describe(), state["until"]),
+            "preset": preset.name, "hyperparameters": asdict(preset.reward),
+            "metrics": result.metrics, "history": result.history, "created_at": time.time(),
+        })
+    if registry is not None:
+        _register(settings, registry, dict(id=version, kind="reward", state="candidate",
+                                           parent=None, path=str(final),
+                                           metrics=result.metrics, files=manifest["files"]))
+    shutil.rmtree(_work_dir(settings, task_id), ignore_errors=True)
+    log.info("published %s: held-out accuracy %s", version, result.metrics["heldout_accuracy"])
+    return {"version": version, "path": str(final), "metrics": result.metrics}
+
+
+# --- policy --------------------------------------------------------------------------------------
+def _resolve_parent(settings: Settings, registry: Any, parent: str | None
+                    ) -> tuple[str, Path | None]:
+    """(parent version id, its adapter folder or None for the base)."""
+    from deploy.registry import BASE
+
+    if parent is None:
+        parent = registry.current() if registry is not None else BASE
+    if parent == BASE:
+        return BASE, None
+    if registry is not None:
+        record = registry.get(parent)
+        if record.kind == "base" or record.path is None:
+            return parent, None
+        return parent, Path(record.path)
+    return parent, settings.versions_dir / parent
+
+
+def _resolve_rm(settings: Settings, rm_version: str | None) -> Path:
+    if rm_version is not None:
+        folder = settings.versions_dir / rm_version
+        if not artifacts.verify(folder):
+            raise FileNotFoundError(f"reward model {rm_version} is missing or incomplete")
+        return folder
+    found = artifacts.list_versions(settings.versions_dir, "rm")
+    if not found:
+        raise FileNotFoundError("no reward model yet: train one first (learner.tasks."
+                                "train_reward_model)")
+    return found[-1]
+
+
+def make_rollout_factory(settings: Settings, preset: Preset, work_dir: Path,
+                         run_id: str) -> Callable[[Any], Any]:
+    from learner.rollout import TransformersRollout, VLLMRollout
+
+    url = settings.learner_vllm_url or settings.effective_vllm_urls[0]
+    use_vllm = settings.learner_rollout == "vllm" or (
+        settings.learner_rollout == "auto" and VLLMRollout.available(url))
+    ppo = preset.ppo
+
+    def factory(tokenizer: Any) -> Any:
+        if use_vllm:
+            log.info("PPO rollouts on vLLM at %s", url)
+            return VLLMRollout(url, work_dir / "rollout-adapters", tokenizer.eos_token_id,
+                               ppo.max_new_tokens, ppo.temperature, run_id=run_id[:8],
+                               tokenizer=tokenizer)
+        log.info("PPO rollouts with transformers generate")
+        return TransformersRollout(tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                   ppo.max_new_tokens, ppo.temperature, ppo.precision)
+
+    return factory
+
+
+def run_policy(settings: Settings, task_id: str, rm_version: str | None = None,
+               parent: str | None = None, votes_jsonl: str | Path | None = None,
+               progress: Progress | None = None, registry: Any = None,
+               rollout_factory: Callable[[Any], Any] | None = None) -> dict[str, Any]:
+    from learner.policy_trainer import save_adapter, train_policy
+    from learner.prompt_pool import PromptPool, user_prompts_from_archive
+    from learner.reward_model import load_reward_model
+    from learner.sequences import encode_answer, encode_prompt
+    from learner.votes import vote_source
+
+    versions = settings.versions_dir
+    artifacts.clean_stale_temp(versions)
+    if (done := _already_published(settings, registry, "policy", task_id, "policy")) is not None:
+        return done
+    preset = preset_for(settings)
+    work = _work_dir(settings, task_id)
+    artifacts.clean_stale_temp(work / "checkpoints")
+    state = _task_state(settings, task_id, until=time.time())
+
+    # The reward model, the parent policy and the prompts.
+    rm_dir = _resolve_rm(settings, rm_version)
+    rm_manifest = artifacts.read_manifest(rm_dir)
+    reward_model, _ = load_reward_model(rm_dir, Path(rm_manifest["base_model"]),
+                                        preset.ppo.precision)
+    parent_id, parent_path = _resolve_parent(settings, registry, parent)
+    pool = PromptPool(user=user_prompts_from_archive(settings, settings.learner_user_prompts))
+    ptx_texts = None
+    if preset.ppo.ptx_coef > 0:  # reference texts: the conversations with the preferred answer
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(settings.base_model_path)
+        ptx_texts = [encode_prompt(tokenizer, v.conversation_a if v.winner == "a"
+                                   else v.conversation_b, preset.ppo.max_prompt_tokens)
+                     + encode_answer(tokenizer, v.answer_a if v.winner == "a" else v.answer_b,
+                                     preset.ppo.max_new_tokens)
+                     for v in vote_source(settings, votes_jsonl).votes(until=state["until"])
+                     if v.winner in ("a", "b")]
+
+    factory = rollout_factory or make_rollout_factory(settings, preset, work, task_id)
+    result = train_policy(settings.base_model_path, preset.ppo, reward_model.score, pool,
+                          factory, parent_adapter=parent_path, progress=progress,
+                          checkpoint_dir=work / "checkpoints", ptx_texts=ptx_texts)
+
+    version = artifacts.allocate_id(versions, "policy", _next_id(registry, "policy"))
+    final = versions / version
+    metrics = {**result.metrics, "rm_heldout_accuracy": rm_manifest["metrics"]["heldout_accuracy"]}
+    with artifacts.atomic_dir(final, kind="policy") as tmp:
+        save_adapter(result.model, result.value_head, tmp)
+        manifest = artifacts.write_manifest(tmp, {
+            "id": version, "kind": "policy", "task_id": task_id, "parent": parent_id,
+            "rm_version": rm_manifest["id"], "base_model": str(settings.base_model_path),
+            "data_range": {**rm_manifest["data_range"], "prompt_pool": len(pool),
+                           "user_prompts": len(pool.user)},
+            "preset": preset.name, "hyperparameters": asdict(preset.ppo),
+            "metrics": metrics, "history": result.history, "created_at": time.time(),
+        })
+    if registry is not None:
+        _register(settings, registry, dict(id=version, kind="policy", state="candidate",
+                                           parent=parent_id, path=str(final), metrics=metrics,
+                                           files=manifest["files"]))
+    shutil.rmtree(work, ignore_errors=True)
+    log.info("published %s (parent %s, %s): reward %.3f → %.3f, KL %.2f", version, parent_id,
+             rm_manifest["id"], metrics["reward_start"], metrics["reward_end"], metrics["kl_end"])
+    return {"version": version, "path": str(final), "metrics": metrics,
+            "parent": parent_id, "rm_version": rm_manifest["id"]}

@@ -1,0 +1,123 @@
+"""Typed hyper-parameter presets of the learner: `tiny` (tests), `cpu` (SmolLM2-135M on a
+2-core machine, an iteration in about 20 minutes), `gpu`.
+
+Defaults follow the known PPO-for-LMs details (shared/background/references.md): clip ε 0.2,
+value clip 0.2, vf_coef 0.1, γ = 1, λ_GAE = 0.95, β = 0.05 with an optional adaptive KL
+controller (target, horizon), advantages whitened, no dropout, logits divided by the sampling
+temperature. A preset is frozen; derive a variant with `dataclasses.replace`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+TieMode = Literal["half", "skip"]
+Precision = Literal["fp32", "bf16", "auto"]  # see learner/precision.py
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class RewardPreset:
+    lr: float = 1e-4
+    epochs: int = 1
+    batch_size: int = 8  # vote pairs per optimiser step (2 × that many sequences)
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    max_prompt_tokens: int = 384  # the conversation is cut from the left beyond this
+    max_answer_tokens: int = 256  # an answer is cut from the right beyond this
+    eval_percent: int = 10  # held-out share, chosen by a hash of the vote id (stable)
+    tie_mode: TieMode = "half"  # tie = BT with target ½; "skip" drops ties
+    eval_every_steps: int = 0  # held-out evaluation every k steps too (0 = once per epoch)
+    max_train_pairs: int | None = None  # train on the newest N pairs only (a time budget)
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    precision: Precision = "auto"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PPOPreset:
+    lr: float = 1e-5
+    steps: int = 20  # PPO iterations: rollout → update
+    rollout_batch: int = 8  # prompts (= sampled answers) per iteration
+    minibatch_size: int = 4
+    ppo_epochs: int = 2  # passes over one rollout batch
+    clip_eps: float = 0.2  # policy ratio clip ε
+    value_clip: float = 0.2  # value prediction clip around the rollout's values
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    gae_lambda: float = 0.95
+    kl_coef: float = 0.05  # β: per-token penalty −β·(log π − log π_ref)
+    adaptive_kl: bool = False
+    kl_target: float = 6.0  # nats per answer (sum over tokens), also the bound the tests check
+    kl_horizon: int = 10_000
+    whiten_advantages: bool = True
+    whiten_rewards: bool = False
+    max_new_tokens: int = 48
+    max_prompt_tokens: int = 256
+    temperature: float = 1.0
+    missing_eos_penalty: float | None = None  # subtracted from the score of cut-off answers
+    ptx_coef: float = 0.0  # InstructGPT's γ: LM loss on reference texts (0 = off)
+    ptx_batch: int = 4
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    max_grad_norm: float = 1.0
+    eval_prompts: int = 16  # fixed prompts scored before and after training
+    checkpoint_every: int = 5  # steps between resumable checkpoints (0 = never)
+    precision: Precision = "auto"  # bf16 autocast of the trunk where the hardware has bf16
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    reward: RewardPreset = field(default_factory=RewardPreset)
+    ppo: PPOPreset = field(default_factory=PPOPreset)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+PRESETS: dict[str, Preset] = {
+    # The tiny random Llama (arena/tiny_model.py): seconds per phase, for tests.
+    "tiny": Preset(
+        name="tiny",
+        reward=RewardPreset(lr=3e-3, epochs=2, batch_size=16, lora_rank=8, lora_alpha=16,
+                            max_prompt_tokens=96, max_answer_tokens=32, eval_percent=20,
+                            precision="fp32"),
+        ppo=PPOPreset(lr=3e-3, steps=10, rollout_batch=16, minibatch_size=8, ppo_epochs=2,
+                      max_new_tokens=16, max_prompt_tokens=96, kl_coef=0.05, kl_target=6.0,
+                      lora_rank=8, lora_alpha=16, eval_prompts=32, checkpoint_every=2,
+                      precision="fp32"),  # exact, so tests can compare bit for bit
+    ),
+    # SmolLM2-135M on 2 CPU cores: RM ~5 min on ~1k votes, PPO ~12 min (20 × 8 answers).
+    "cpu": Preset(
+        name="cpu",
+        reward=RewardPreset(lr=2e-4, epochs=1, batch_size=8, lora_rank=16, lora_alpha=32,
+                            max_prompt_tokens=256, max_answer_tokens=192, eval_every_steps=20,
+                            max_train_pairs=1000),
+        ppo=PPOPreset(lr=2e-5, steps=20, rollout_batch=8, minibatch_size=4, ppo_epochs=2,
+                      max_new_tokens=48, max_prompt_tokens=256, lora_rank=8, lora_alpha=16,
+                      eval_prompts=16, checkpoint_every=5),
+    ),
+    # One GPU: bigger batches and longer answers, the adaptive KL controller on.
+    "gpu": Preset(
+        name="gpu",
+        reward=RewardPreset(lr=5e-5, epochs=1, batch_size=32, lora_rank=16, lora_alpha=32,
+                            max_prompt_tokens=1024, max_answer_tokens=512),
+        ppo=PPOPreset(lr=1e-5, steps=200, rollout_batch=64, minibatch_size=16, ppo_epochs=4,
+                      max_new_tokens=256, max_prompt_tokens=1024, adaptive_kl=True,
+                      kl_coef=0.05, kl_target=6.0, lora_rank=16, lora_alpha=32,
+                      eval_prompts=64, checkpoint_every=20),
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown learner preset {name!r}; one of {sorted(PRESETS)}") from None

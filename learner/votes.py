@@ -1,0 +1,83 @@
+"""Where the learner reads votes from: a small interface with two implementations, the
+preference archive (feedback/archive.py) and a JSONL file of VoteRecord JSON (one per line,
+the same record format; used by tests and before an archive exists)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from feedback.vote_record import VoteRecord
+
+
+class VoteSource(Protocol):
+    def votes(self, until: float | None = None) -> list[VoteRecord]:
+        """All votes with voted_at < until (None = all), oldest first."""
+        ...
+
+    def describe(self) -> str: ...
+
+
+@dataclass
+class JsonlVoteSource:
+    path: Path
+
+    def votes(self, until: float | None = None) -> list[VoteRecord]:
+        records = []
+        with Path(self.path).open(encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    record = VoteRecord.from_json(line)
+                    if until is None or record.voted_at < until:
+                        records.append(record)
+        return sorted(records, key=lambda r: (r.voted_at, r.vote_id))
+
+    def describe(self) -> str:
+        return f"jsonl:{self.path}"
+
+
+@dataclass
+class ArchiveVoteSource:
+    url: str
+
+    def votes(self, until: float | None = None) -> list[VoteRecord]:
+        from feedback.archive import Archive
+
+        archive = Archive(self.url)
+        try:
+            return [stored.record for stored in archive.iter_votes(until=until)]
+        finally:
+            archive.close()
+
+    def describe(self) -> str:
+        return "archive"
+
+
+def write_jsonl(path: Path, records: list[VoteRecord]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(r.to_json() + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def vote_source(settings: Any, votes_jsonl: str | Path | None = None) -> VoteSource:
+    """The JSONL file when one is named (argument or `learner_votes_jsonl`), else the archive."""
+    path = votes_jsonl or getattr(settings, "learner_votes_jsonl", None)
+    if path:
+        return JsonlVoteSource(Path(path))
+    return ArchiveVoteSource(settings.effective_archive_url)
+
+
+def data_range(records: list[VoteRecord], source: str, until: float | None) -> dict[str, Any]:
+    """What a trained artefact was trained on, for its manifest."""
+    return {
+        "source": source,
+        "n_votes": len(records),
+        "first_voted_at": records[0].voted_at if records else None,
+        "last_voted_at": records[-1].voted_at if records else None,
+        "first_vote_id": records[0].vote_id if records else None,
+        "last_vote_id": records[-1].vote_id if records else None,
+        "until": until,
+        "winners": {w: sum(r.winner == w for r in records) for w in ("a", "b", "tie", "both_bad")},
+        "self_pairs": sum(r.model_a == r.model_b for r in records),
+    }

@@ -1,0 +1,144 @@
+"""Versioned artefacts: rm-vN / policy-vN folders with manifests, registered as candidates,
+written atomically, idempotent per task id; and (4) a worker killed mid-training leaves no
+partial checkpoint, and the re-run resumes from its last saved step."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from arena.settings import Settings
+from learner import artifacts
+from learner.pipeline import registry_for, run_policy, run_reward_model
+from learner.plot import plot_iteration
+from learner.prompt_pool import load_shipped_prompts
+from learner.synthetic import hidden_rule_votes
+from learner.votes import write_jsonl
+
+torch.set_num_threads(1)
+PPO_STEPS = 6  # tiny preset checkpoints every 2 steps
+KILL_TIMEOUT_S = 120
+
+CHILD = """
+import json, sys, torch
+torch.set_num_threads(1)
+from arena.settings import Settings
+from learner.pipeline import registry_for, run_policy
+settings = Settings(_env_file=None)
+registry = registry_for(settings)
+result = run_policy(settings, sys.argv[1], registry=registry,
+                    progress=lambda m: print("STEP", m["step"], flush=True))
+print("DONE", result["version"], flush=True)
+"""
+
+
+@pytest.fixture
+def learner_settings(settings: Settings) -> Settings:
+    return settings.model_copy(update={"learner_rollout": "transformers",
+                                       "learner_ppo_steps": PPO_STEPS, "learner_nice": 0})
+
+
+@pytest.fixture
+def votes_file(tmp_path: Path) -> Path:
+    votes = hidden_rule_votes(120, load_shipped_prompts(), seed=3)
+    return write_jsonl(tmp_path / "votes.jsonl", votes)
+
+
+def _complete_versions(versions: Path) -> list[str]:
+    """Every visible folder under the versions dir must be a complete version."""
+    visible = [p for p in versions.iterdir() if not p.name.startswith(".")]
+    for p in visible:
+        assert artifacts.verify(p), f"{p.name} is not a complete version"
+    return sorted(p.name for p in visible)
+
+
+def test_reward_model_artefact_manifest_registry_and_idempotence(
+        learner_settings: Settings, votes_file: Path) -> None:
+    registry = registry_for(learner_settings)
+    registry.ensure_base()
+    first = run_reward_model(learner_settings, "task-rm", votes_file, registry=registry)
+    assert first["version"] == "rm-v1"
+    folder = Path(first["path"])
+    manifest = artifacts.read_manifest(folder)
+    assert artifacts.verify(folder)
+    assert {"adapter_model.safetensors", "adapter_config.json",
+            "reward_head.safetensors"} <= set(manifest["files"])
+    assert manifest["data_range"]["n_votes"] == 120
+    assert manifest["data_range"]["self_pairs"] == 120
+    assert manifest["hyperparameters"]["tie_mode"] == "half"
+    assert manifest["metrics"]["heldout_accuracy"] is not None
+    record = registry.get("rm-v1")
+    assert (record.kind, record.state, record.path) == ("reward", "candidate", str(folder))
+    assert record.files == manifest["files"]
+    # the same task again (a re-delivery): same version, nothing new written
+    again = run_reward_model(learner_settings, "task-rm", votes_file, registry=registry)
+    assert again["version"] == "rm-v1" and again["resumed"] == "published"
+    assert _complete_versions(learner_settings.versions_dir) == ["rm-v1"]
+
+
+def test_killed_worker_leaves_no_partial_checkpoint_and_resumes(
+        learner_settings: Settings, votes_file: Path) -> None:
+    settings = learner_settings
+    registry = registry_for(settings)
+    registry.ensure_base()
+    run_reward_model(settings, "task-rm", votes_file, registry=registry)
+
+    # A training process, killed with SIGKILL after its second checkpoint (step 4).
+    env = dict(os.environ, ARENA_DATA_DIR=str(settings.data_dir),
+               ARENA_REDIS_URL=settings.effective_redis_url,
+               ARENA_BASE_MODEL=str(settings.base_model_path), ARENA_LEARNER_PRESET="tiny",
+               ARENA_LEARNER_ROLLOUT="transformers", ARENA_LEARNER_PPO_STEPS=str(PPO_STEPS),
+               ARENA_LEARNER_NICE="0", ARENA_LEARNER_USER_PROMPTS="0",
+               PYTHONUNBUFFERED="1")
+    child = subprocess.Popen([sys.executable, "-c", CHILD, "task-policy"], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    deadline = time.monotonic() + KILL_TIMEOUT_S
+    for line in child.stdout:
+        seen.append(line)
+        if line.startswith("STEP 5") or time.monotonic() > deadline:
+            break
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert any(line.startswith("STEP 5") for line in seen), "".join(seen)[-3000:]
+
+    # Nothing half-written is visible: only the complete reward model; no policy registered.
+    assert _complete_versions(settings.versions_dir) == ["rm-v1"]
+    assert not [r for r in registry.all() if r.kind == "policy"]
+    work = settings.versions_dir / artifacts.WORK_DIR / "task-policy" / "checkpoints"
+    checkpoints = [p.name for p in work.iterdir() if not p.name.startswith(".")]
+    assert checkpoints == ["step-4"]
+    # Simulate a kill during the final publish as well: a stale temp folder of a dead pid.
+    stale = settings.versions_dir / f"{artifacts.TEMP_PREFIX}policy-999999-deadbeef"
+    stale.mkdir()
+    (stale / "adapter_model.safetensors").write_bytes(b"half")
+
+    # The re-delivered task (same id) resumes from step 4 and publishes one complete version.
+    result = run_policy(settings, "task-policy", registry=registry)
+    assert result["metrics"]["resumed_from_step"] == 4
+    assert result["version"] == "policy-v1"
+    assert not stale.exists()
+    assert _complete_versions(settings.versions_dir) == ["policy-v1", "rm-v1"]
+    assert not (settings.versions_dir / artifacts.WORK_DIR / "task-policy").exists()
+    manifest = artifacts.read_manifest(Path(result["path"]))
+    assert [row["step"] for row in manifest["history"]] == list(range(1, PPO_STEPS + 1))
+    assert manifest["parent"] == "base" and manifest["rm_version"] == "rm-v1"
+    assert {"adapter_model.safetensors", "adapter_config.json",
+            "value_head.safetensors"} <= set(manifest["files"])
+    assert manifest["hyperparameters"]["kl_coef"] == 0.05
+    assert manifest["data_range"]["n_votes"] == 120
+    record = registry.get("policy-v1")
+    assert (record.kind, record.state, record.parent) == ("policy", "candidate", "base")
+    adapter_config = json.loads((Path(result["path"]) / "adapter_config.json").read_text())
+    assert adapter_config["r"] == 8  # a plain peft adapter vLLM can load
+
+    png = plot_iteration(Path(result["path"]), settings.data_dir / "iteration.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,167 @@
+"""Reward model and PPO on the tiny model (acceptance criteria 1–3 of the learner issue).
+
+(1) an RM trained on votes from a hidden rule (the preferred answer contains " banana")
+    reaches ≥ 0.9 held-out accuracy;
+(2) PPO against that RM raises the mean RM reward over the starting policy while the
+    measured KL(π ‖ π_ref) stays below its target;
+(3) the reference (base) weights are bit-identical before and after training.
+
+The PPO policy starts from a quick supervised fine-tune of the tiny model
+(`learner.synthetic.sft_tiny_base`): the random tiny model's logits have a std of ~0.16, so
+no LoRA can move its near-uniform distribution over 49k tokens; like InstructGPT, PPO
+starts from an SFT model, which is also the reference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from learner.policy_trainer import policy_forward, reference_logprobs, train_policy
+from learner.presets import get_preset
+from learner.prompt_pool import PromptPool, load_shipped_prompts
+from learner.reward_model import (
+    bradley_terry_loss,
+    train_reward_model,
+)
+from learner.rollout import TransformersRollout
+from learner.sequences import encode_answer, encode_prompt, pack
+from learner.synthetic import MARKER, hidden_rule_votes, sft_tiny_base
+
+torch.set_num_threads(1)
+TINY = get_preset("tiny")
+N_VOTES = 300
+
+
+def _hash_base(named_params) -> str:
+    """sha256 over the frozen base weights (LoRA weights excluded, peft's wrapping
+    `base_layer.` / `base_model.model.` removed from the names)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(
+        (n.replace("base_model.model.", "").replace(".base_layer", ""), t)
+        for n, t in named_params if "lora_" not in n
+    ):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[str]:
+    return load_shipped_prompts()
+
+
+@pytest.fixture(scope="module")
+def votes(prompts: list[str]):
+    return hidden_rule_votes(N_VOTES, prompts, seed=1)
+
+
+@pytest.fixture(scope="module")
+def reward(votes, tiny_model_dir: Path):
+    return train_reward_model(votes, tiny_model_dir, TINY.reward)
+
+
+@pytest.fixture(scope="module")
+def sft_base(tiny_model_dir: Path, prompts: list[str], tmp_path_factory) -> Path:
+    return sft_tiny_base(tiny_model_dir, tmp_path_factory.mktemp("sft") / "tiny-sft", prompts)
+
+
+@pytest.fixture(scope="module")
+def ppo_run(sft_base: Path, reward, prompts: list[str]):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(sft_base)
+    fresh = AutoModelForCausalLM.from_pretrained(sft_base, dtype=torch.float32)
+    before = _hash_base(fresh.named_parameters())
+    probe = pack([encode_prompt(tokenizer, [{"role": "user", "content": p}], 96)
+                  for p in prompts[:4]],
+                 [encode_answer(tokenizer, f"Some answer number {i}.", 16) for i in range(4)],
+                 tokenizer.pad_token_id)
+    with torch.no_grad():
+        hidden = fresh.get_decoder()(input_ids=probe.input_ids,
+                                     attention_mask=probe.attention_mask,
+                                     position_ids=probe.position_ids).last_hidden_state
+        logits = fresh.get_output_embeddings()(hidden[:, probe.prompt_width - 1: -1])
+        ref_before = torch.gather(torch.log_softmax(logits / TINY.ppo.temperature, -1), 2,
+                                  probe.responses.unsqueeze(-1)).squeeze(-1)
+    result = train_policy(
+        sft_base, TINY.ppo, reward.model.score, PromptPool(),
+        lambda tok: TransformersRollout(tok.eos_token_id, tok.pad_token_id,
+                                        TINY.ppo.max_new_tokens, TINY.ppo.temperature))
+    return {"result": result, "hash_before": before, "probe": probe, "ref_before": ref_before,
+            "hash_on_disk": _hash_base(
+                AutoModelForCausalLM.from_pretrained(sft_base).named_parameters())}
+
+
+# --- (1) reward model ------------------------------------------------------------------------
+def test_reward_model_learns_hidden_rule(reward, votes) -> None:
+    m = reward.metrics
+    assert m["n_heldout"] >= 30
+    assert m["heldout_accuracy"] >= 0.9, m
+    assert m["heldout_calibration"] < 0.25, m
+    # both_bad carries no ranking: skipped; ties are trained toward ½; self-pairs are ordinary
+    assert m["pairs"]["both_bad_skipped"] == sum(v.winner == "both_bad" for v in votes)
+    assert m["pairs"]["ties"] == sum(v.winner == "tie" for v in votes)
+    assert m["pairs"]["self_pairs"] == m["pairs"]["decisive"] + m["pairs"]["ties"]
+
+
+def test_reward_read_at_last_token_regardless_of_padding(reward, tiny_model_dir: Path) -> None:
+    tok = reward.tokenizer
+    short_p = encode_prompt(tok, [{"role": "user", "content": "Hi"}], 96)
+    long_p = encode_prompt(tok, [{"role": "user", "content": "Tell me a long story " * 5}], 96)
+    short_a = encode_answer(tok, "Yes" + MARKER + ".", 32)
+    long_a = encode_answer(tok, "A much longer answer with many more words in it.", 32)
+    alone = reward.model.score(pack([short_p], [short_a], tok.pad_token_id))
+    padded = reward.model.score(pack([short_p, long_p], [short_a, long_a], tok.pad_token_id))
+    assert torch.allclose(alone[0], padded[0], atol=1e-4)
+
+
+def test_rewards_are_normalised_on_training_answers(reward) -> None:
+    assert reward.metrics["reward_std"] > 0
+    tok = reward.tokenizer
+    p = encode_prompt(tok, [{"role": "user", "content": "Tell me a joke."}], 96)
+    good = reward.model.score(pack([p], [encode_answer(tok, "Here" + MARKER + " you go.", 32)],
+                                   tok.pad_token_id))
+    bad = reward.model.score(pack([p], [encode_answer(tok, "Here you go.", 32)],
+                                  tok.pad_token_id))
+    assert good.item() > 0 > bad.item()  # normalised: the rule splits around the mean
+    assert abs(good.item()) < 10 and abs(bad.item()) < 10
+
+
+def test_tie_loss_is_lowest_at_equal_rewards() -> None:
+    deltas = torch.tensor([-2.0, -0.5, 0.0, 0.5, 2.0])
+    tie = bradley_terry_loss(deltas, torch.full((5,), 0.5))
+    assert tie.argmin().item() == 2
+    assert bradley_terry_loss(torch.tensor([1.0]), torch.tensor([1.0])).item() == pytest.approx(
+        -torch.nn.functional.logsigmoid(torch.tensor(1.0)).item())
+
+
+# --- (2) PPO ------------------------------------------------------------------------------------
+def test_ppo_raises_reward_with_kl_below_target(ppo_run) -> None:
+    m, history = ppo_run["result"].metrics, ppo_run["result"].history
+    assert m["reward_end"] > m["reward_start"] + 0.3, m
+    assert m["kl_end"] < m["kl_target"], m
+    assert max(row["kl"] for row in history) < m["kl_target"], [r["kl"] for r in history]
+    assert all(row["entropy"] > 0 for row in history)  # entropy reported each step
+    assert {"reward", "kl", "entropy", "loss", "eta_s", "clipfrac", "approx_kl",
+            "value_loss"} <= set(history[-1])
+
+
+# --- (3) the reference never changes ------------------------------------------------------------
+def test_reference_weights_bit_identical(ppo_run) -> None:
+    result = ppo_run["result"]
+    trained = result.model.get_base_model().named_parameters()
+    assert _hash_base(trained) == ppo_run["hash_before"] == ppo_run["hash_on_disk"]
+    # only LoRA and the value head trained; the LoRA moved
+    assert all(("lora_" in n) == p.requires_grad for n, p in result.model.named_parameters())
+    lora_b = [p for n, p in result.model.named_parameters() if "lora_B" in n]
+    assert any(p.abs().max() > 0 for p in lora_b)
+    # π_ref (adapter disabled) gives bit-identical log-probs to the untouched SFT model
+    ref_after = reference_logprobs(result.model, ppo_run["probe"], TINY.ppo.temperature)
+    assert torch.equal(ref_after, ppo_run["ref_before"])
+    policy_after, _, _ = policy_forward(result.model, None, ppo_run["probe"],
+                                        TINY.ppo.temperature)
+    assert not torch.equal(policy_after, ppo_run["ref_before"])

@@ -50,3 +50,9 @@ def test_arena_config_prints_effective_settings(tmp_path: Path):
                          capture_output=True, text=True, check=True).stdout
     assert "gateway_port" in out and str(tmp_path) in out
     assert "hidden-value" not in out
+
+
+def test_readme_documents_every_setting():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    missing = [name for name in Settings.model_fields if f"`ARENA_{name.upper()}`" not in readme]
+    assert missing == [], f"README settings table lacks: {missing}"

@@ -95,8 +95,12 @@ def build_reward_model(base_model: Path, preset: RewardPreset) -> tuple[RewardMo
 
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     trunk = AutoModel.from_pretrained(base_model, dtype=torch.float32)
+    n_layers = trunk.config.num_hidden_layers
+    top = None if preset.lora_layers is None or preset.lora_layers >= n_layers else \
+        list(range(n_layers - preset.lora_layers, n_layers))  # the chosen trainable layers
     lora = LoraConfig(r=preset.lora_rank, lora_alpha=preset.lora_alpha, lora_dropout=0.0,
-                      target_modules=list(preset.lora_targets), bias="none")
+                      target_modules=list(preset.lora_targets), bias="none",
+                      layers_to_transform=top, layers_pattern="layers" if top else None)
     trunk = get_peft_model(trunk, lora)
     model = RewardModel(trunk, trunk.config.hidden_size)
     device = pick_device()
@@ -206,24 +210,27 @@ def pair_deltas(model: RewardModel, pairs: list[Pair], pad_id: int) -> torch.Ten
     return rewards[: len(pairs)] - rewards[len(pairs):]  # Δ = r_a − r_b
 
 
-@torch.no_grad()
-def evaluate_pairs(model: RewardModel, pairs: list[Pair], pad_id: int,
-                   batch_size: int) -> dict[str, float | None]:
+def pair_metrics(deltas: torch.Tensor, targets: torch.Tensor) -> dict[str, float | None]:
     """Accuracy on decisive votes (the winner scored higher), calibration = mean |p − outcome|
     with p = σ(Δ) and outcome 1 / 0 / ½ (a won / b won / tie), and the mean BT loss."""
-    if not pairs:
-        return {"accuracy": None, "calibration": None, "loss": None, "n": 0}
-    deltas = torch.cat([pair_deltas(model, pairs[i:i + batch_size], pad_id)
-                        for i in range(0, len(pairs), batch_size)])
-    targets = torch.tensor([p.target for p in pairs], device=deltas.device)
     decisive = targets != 0.5
     correct = (deltas > 0) == (targets == 1.0)
     return {
         "accuracy": correct[decisive].float().mean().item() if decisive.any() else None,
         "calibration": (torch.sigmoid(deltas) - targets).abs().mean().item(),
         "loss": bradley_terry_loss(deltas, targets).mean().item(),
-        "n": len(pairs),
+        "n": int(deltas.numel()),
     }
+
+
+@torch.no_grad()
+def evaluate_pairs(model: RewardModel, pairs: list[Pair], pad_id: int,
+                   batch_size: int) -> dict[str, float | None]:
+    if not pairs:
+        return {"accuracy": None, "calibration": None, "loss": None, "n": 0}
+    deltas = torch.cat([pair_deltas(model, pairs[i:i + batch_size], pad_id)
+                        for i in range(0, len(pairs), batch_size)])
+    return pair_metrics(deltas, torch.tensor([p.target for p in pairs], device=deltas.device))
 
 
 # --- training ------------------------------------------------------------------------------
@@ -290,16 +297,21 @@ def train_reward_model(votes: list[VoteRecord], base_model: Path, preset: Reward
                         "heldout_calibration": held["calibration"],
                         "heldout_loss": held["loss"]})
 
-    # 3. Normalisation: mean and std of the raw scores of all training answers.
+    # 3. Normalisation: mean and std of the raw scores of all training answers (the same
+    #    pass gives the training accuracy; the held-out figures are those after the last step).
     with torch.no_grad():
-        raw = torch.cat([model(pair_batch(train[i:i + preset.batch_size], pad_id))
-                         for i in range(0, len(train), preset.batch_size)])
+        scored = [model(pair_batch(train[i:i + preset.batch_size], pad_id)).split(
+            len(train[i:i + preset.batch_size])) for i in range(0, len(train), preset.batch_size)]
+        r_a = torch.cat([a for a, _ in scored])
+        r_b = torch.cat([b for _, b in scored])
+        raw = torch.cat([r_a, r_b])
         model.reward_mean.copy_(raw.mean())
-        model.reward_std.copy_(raw.std().clamp(min=NORM_EPS) if raw.numel() > 1
-                               else torch.tensor(1.0, device=model.device))
-
-    held = evaluate_pairs(model, held_out, pad_id, preset.batch_size)
-    train_eval = evaluate_pairs(model, train, pad_id, preset.batch_size)
+        model.reward_std.copy_(raw.std().clamp(min=NORM_EPS))
+        train_eval = pair_metrics(r_a - r_b, torch.tensor([p.target for p in train],
+                                                          device=model.device))
+    held = {"accuracy": history[-1]["heldout_accuracy"],
+            "calibration": history[-1]["heldout_calibration"],
+            "loss": history[-1]["heldout_loss"]}
     metrics = {
         "heldout_accuracy": held["accuracy"], "heldout_calibration": held["calibration"],
         "heldout_loss": held["loss"], "n_heldout": len(held_out),

@@ -24,7 +24,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,12 +32,12 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import openai
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from arena.net import free_port, wait_http  # noqa: E402
 from arena.redis_server import start_redis  # noqa: E402
 from arena.settings import Settings  # noqa: E402
 from arena.tiny_model import build_lora_adapter, build_tiny_model  # noqa: E402
@@ -49,24 +48,8 @@ PROMPT = [{"role": "user", "content": "Tell me about the sea."}]
 FAILED_BACKOFF_S = 0.1
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process for {url} exited with code {proc.returncode}")
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} not ready in {timeout}s")
 
 
 def stop(proc: subprocess.Popen) -> None:

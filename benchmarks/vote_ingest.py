@@ -27,7 +27,6 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -48,6 +47,7 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from arena.net import free_port  # noqa: E402
 from arena.redis_server import start_redis  # noqa: E402
 from arena.settings import Settings  # noqa: E402
 from feedback.archive import Archive  # noqa: E402
@@ -79,10 +79,6 @@ class Result:
         return float(np.percentile(self.latencies_s, q) * 1000) if self.latencies_s.size else 0.0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- the producer side -----------------------------------------------------------------------

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import pytest
 import redis
 from sqlalchemy import create_engine, text
 
+from arena.net import free_port
 from arena.redis_server import start_redis
 from arena.settings import Settings
 from arena.tiny_model import build_lora_adapter, build_tiny_model
@@ -32,10 +32,6 @@ TINY_MAX_MODEL_LEN = 512
 VLLM_START_TIMEOUT_S = 240
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 10) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +21,7 @@ import uvicorn
 from typer.testing import CliRunner
 
 from arena.cli import app as cli_app
+from arena.net import free_port
 from arena.settings import Settings
 from arena.tiny_model import build_lora_adapter
 from deploy.admin_client import AdminClient, AdminError
@@ -36,10 +36,6 @@ CLIENTS = 4
 PROMPT = [{"role": "user", "content": "Say something."}]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def vllm_adapters(vllm_url: str) -> dict[str, str]:
@@ -76,7 +72,7 @@ def gateway(settings: Settings, clean_vllm: str) -> Iterator[Gateway]:
     for limit in ("rate_chat_per_session", "rate_chat_per_ip", "rate_battle_per_session",
                   "rate_battle_per_ip"):
         setattr(settings, limit, 0)
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

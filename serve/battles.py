@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 from deploy.registry import VersionRecord
 from feedback.vote_record import VoteRecord
 from feedback.vote_stream import publish_vote_once
-from serve.chat import SSE_MEDIA_TYPE, ChatMessage, client_ip, state_of
+from serve.chat import SSE_MEDIA_TYPE, ChatMessage, client_ip, state_of, upstream_message
 from serve.errors import APIError
 from serve.matchmaking import choose_versions
 from serve.state import GatewayState
@@ -81,11 +81,8 @@ async def _answer(gw: GatewayState, record: VersionRecord, messages: list[dict],
     body = {"model": record.id, "messages": messages, "seed": seed, **sampling}
     response = await gw.pool.post("/v1/chat/completions", body, record.id, record.path)
     if response.status_code != 200:
-        from serve.chat import upstream_error
-
-        error = upstream_error(response.status_code, response.content)
-        raise APIError(response.status_code, json.loads(error.body)["error"]["message"],
-                       "upstream_error")
+        raise APIError(response.status_code,
+                       upstream_message(response.status_code, response.content), "upstream_error")
     gw.metrics.tokens.labels(record.id).inc(response.json()["usage"]["completion_tokens"])
     return response.json()["choices"][0]["message"]["content"] or ""
 
@@ -97,7 +94,8 @@ async def _stream_side(gw: GatewayState, side: str, record: VersionRecord, messa
     parts: list[str] = []
     async with gw.pool.stream("/v1/chat/completions", body, record.id, record.path) as upstream:
         if upstream.status_code != 200:
-            raise APIError(upstream.status_code, (await upstream.aread()).decode()[:500],
+            raise APIError(upstream.status_code,
+                           upstream_message(upstream.status_code, await upstream.aread()),
                            "upstream_error")
         async for line in upstream.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":

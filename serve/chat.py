@@ -64,9 +64,8 @@ async def list_models(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": data}
 
 
-def upstream_error(status: int, content: bytes) -> Response:
-    """vLLM's own errors (e.g. prompt longer than the context) keep their status; the body is
-    re-shaped to OpenAI's format if vLLM's is not already."""
+def upstream_message(status: int, content: bytes) -> str:
+    """The message of one of vLLM's own errors (e.g. prompt longer than the context)."""
     try:
         body = json.loads(content)
         message = body["error"]["message"] if "error" in body else body.get("message", "")
@@ -74,7 +73,12 @@ def upstream_error(status: int, content: bytes) -> Response:
         message = content.decode(errors="replace")[:500]
     if status == 400 and "context length" in message:
         message = f"Prompt too long for this model: {message}"
-    return error_response(status, message or "upstream error", "upstream_error")
+    return message or "upstream error"
+
+
+def upstream_error(status: int, content: bytes) -> Response:
+    """vLLM's errors keep their status, in OpenAI's format."""
+    return error_response(status, upstream_message(status, content), "upstream_error")
 
 
 @router.post("/v1/chat/completions")

@@ -138,6 +138,8 @@ def run_ours(model_dir: Path, args: argparse.Namespace, backend: str, vllm_url: 
     return {"samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds,
             "seconds": seconds, "samples": samples,
             "generate_share": sum(r["generate_s"] for r in timed) / seconds,
+            "score_share": sum(r["score_s"] for r in timed) / seconds,
+            "update_share": sum(r["update_s"] for r in timed) / seconds,
             "mean_answer_tokens": tokens / samples}
 
 

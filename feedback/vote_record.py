@@ -16,6 +16,8 @@ from typing import Any, Literal
 Winner = Literal["a", "b", "tie", "both_bad"]
 WINNERS: tuple[Winner, ...] = ("a", "b", "tie", "both_bad")
 Message = dict[str, str]
+# Filled in when the vote arrives; everything else is known once both answers are finished.
+OUTCOME_FIELDS = ("winner", "voted_at")
 
 
 class MalformedVote(ValueError):
@@ -47,6 +49,10 @@ class VoteRecord:
         return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
 
     @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
     def from_json(cls, raw: str | bytes) -> VoteRecord:
         try:
             data: dict[str, Any] = json.loads(raw)
@@ -58,3 +64,18 @@ class VoteRecord:
         if not record.battle_id or not record.model_a or not record.model_b:
             raise MalformedVote("battle_id, model_a and model_b must be non-empty")
         return record
+
+
+def ballot_json(**record: Any) -> str:
+    """The vote record of a finished battle minus its outcome (`winner`, `voted_at`), as JSON.
+    The vote script in feedback/vote_stream.py appends the outcome inside Redis, so the hot
+    vote path neither reads the battle back nor builds JSON."""
+    expected = set(VoteRecord.field_names()) - set(OUTCOME_FIELDS)
+    if set(record) != expected:
+        raise TypeError(f"a ballot needs exactly {sorted(expected)}, got {sorted(record)}")
+    return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+
+
+def complete_ballot(ballot: str, winner: Winner, voted_at: float) -> str:
+    """What the vote script does to a ballot, in Python (the same bytes): used by tests."""
+    return f'{ballot[:-1]},"winner":"{winner}","voted_at":{voted_at!r}}}'

@@ -32,7 +32,7 @@ from torch import nn
 
 from learner import ppo
 from learner.artifacts import atomic_dir
-from learner.precision import amp_dtype, autocast, pick_device
+from learner.precision import amp_dtype, autocast, pick_device, store_frozen_linears_in
 from learner.presets import PPOPreset
 from learner.prompt_pool import PromptPool
 from learner.rollout import RolloutBackend
@@ -87,6 +87,8 @@ def load_policy(base_model: Path, preset: PPOPreset, parent_adapter: Path | None
     if parent_adapter is not None and (parent_adapter / VALUE_HEAD_FILE).is_file():
         value_head.load_state_dict(load_file(str(parent_adapter / VALUE_HEAD_FILE)))
     device = pick_device()
+    store_frozen_linears_in(model, amp_dtype(preset.precision, device),
+                            keep=(base.get_output_embeddings(),))
     return model.to(device), value_head.to(device), tokenizer
 
 
@@ -296,6 +298,8 @@ def train_policy(base_model: Path, preset: PPOPreset, reward_fn: RewardFn, pool:
                 if preset.whiten_advantages:
                     advantages = ppo.whiten(advantages, mask)
 
+            score_s = time.monotonic() - step_started - generate_s
+
             # 4. PPO epochs: clipped surrogate + clipped value loss on shuffled minibatches.
             stats: dict[str, list[float]] = {k: [] for k in (
                 "policy_loss", "value_loss", "loss", "clipfrac", "value_clipfrac", "approx_kl",
@@ -330,6 +334,8 @@ def train_policy(base_model: Path, preset: PPOPreset, reward_fn: RewardFn, pool:
                                        ("approx_kl", pg.approx_kl), ("entropy", entropy)):
                         stats[key].append(value.item())
 
+            update_s = time.monotonic() - step_started - generate_s - score_s
+
             # 5. Adapt β toward the KL target (a no-op for the fixed controller).
             mean_kl = ppo.sequence_kl(kl, mask).mean().item()
             kl_coef_used = kl_ctl.value
@@ -348,7 +354,8 @@ def train_policy(base_model: Path, preset: PPOPreset, reward_fn: RewardFn, pool:
                 "non_score_reward": (-kl_coef_used * mean_kl),
                 "answer_tokens": batch.response_lengths.float().mean().item(),
                 "ended_share": ended.float().mean().item(),
-                "generate_s": generate_s, "step_s": time.monotonic() - step_started,
+                "generate_s": generate_s, "score_s": score_s, "update_s": update_s,
+                "step_s": time.monotonic() - step_started,
                 "eta_s": eta, **{k: (sum(v) / len(v) if v else None) for k, v in stats.items()},
             }
             history.append(row)

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from feedback.vote_record import VoteRecord
-from learner.precision import amp_dtype, autocast, pick_device
+from learner.precision import amp_dtype, autocast, pick_device, store_frozen_linears_in
 from learner.presets import Precision, RewardPreset
 from learner.sequences import PackedBatch, encode_answer, encode_prompt, pack
 
@@ -106,6 +106,7 @@ def build_reward_model(base_model: Path, preset: RewardPreset) -> tuple[RewardMo
     device = pick_device()
     model.to(device).eval()  # dropout off, in training too
     model.amp = amp_dtype(preset.precision, device)
+    store_frozen_linears_in(model.trunk, model.amp)
     return model, tokenizer
 
 
@@ -140,6 +141,7 @@ def load_reward_model(folder: Path, base_model: Path,
     device = pick_device()
     model.to(device).eval().requires_grad_(False)
     model.amp = amp_dtype(precision, device)
+    store_frozen_linears_in(model.trunk, model.amp)  # the head is outside the trunk: fp32
     return model, tokenizer
 
 

@@ -20,7 +20,8 @@ from arena.secrets import session_secret
 from arena.settings import Settings
 from deploy.hot_swap import replica_sync_loop
 from deploy.registry import Registry
-from serve import battles, chat
+from feedback.vote_stream import VoteAcceptor
+from serve import battles, chat, votes
 from serve.errors import install_error_handlers
 from serve.metrics import GatewayMetrics
 from serve.rate_limit import RateLimiter
@@ -46,6 +47,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings=settings, redis=client,
             pool=ReplicaPool(settings.effective_vllm_urls, settings.request_timeout_s),
             versions=VersionView(client), limiter=RateLimiter(client), metrics=GatewayMetrics(),
+            vote_acceptor=VoteAcceptor(client),
         )
         app.state.gateway = gw
         watcher = asyncio.create_task(_watch_worker(gw))
@@ -65,7 +67,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="rlhf-arena gateway", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
-    app.add_middleware(SessionMiddleware, secret=session_secret(settings))
+    app.add_middleware(votes.VoteFastPath)  # the vote is the hot path: plain ASGI
+    app.add_middleware(SessionMiddleware, secret=session_secret(settings))  # runs first
     app.include_router(chat.router)
     app.include_router(battles.router)
     _include_optional_routers(app)

@@ -1,7 +1,9 @@
 """Side-by-side battles: two anonymous answers from two versions, a vote, then the reveal.
 
-A battle lives in Redis (`arena:battle:{id}`, with a TTL) so any gateway process can serve
-its follow-ups and its vote. The vote is accepted (2xx) only after it is in the vote stream.
+A battle lives in Redis (hash `arena:battle:{id}`, with a TTL) so any gateway process can
+serve its follow-ups and its vote: `state` (the battle as JSON), and for the vote script
+`session`, `model_a`, `model_b` and `ballot` (the vote record minus its outcome). The vote
+itself is serve/votes.py.
 """
 
 from __future__ import annotations
@@ -12,15 +14,14 @@ import random
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from deploy.registry import VersionRecord
-from feedback.vote_record import VoteRecord
-from feedback.vote_stream import publish_vote_once
+from feedback.vote_record import ballot_json
 from serve.chat import SSE_MEDIA_TYPE, ChatMessage, client_ip, state_of, upstream_message
 from serve.errors import APIError
 from serve.matchmaking import choose_versions
@@ -46,16 +47,12 @@ class FollowUpRequest(BaseModel):
     stream: bool = False
 
 
-class VoteRequest(BaseModel):
-    winner: Literal["a", "b", "tie", "both_bad"]
-
-
 def _messages(items: list[ChatMessage]) -> list[dict[str, Any]]:
     return [m.model_dump(exclude_none=True) for m in items]
 
 
 async def _load_battle(gw: GatewayState, battle_id: str, session: str) -> dict[str, Any]:
-    raw = await gw.redis.get(BATTLE_KEY.format(id=battle_id))
+    raw = await gw.redis.hget(BATTLE_KEY.format(id=battle_id), "state")
     if raw is None:
         raise APIError(404, f"Battle '{battle_id}' does not exist or has expired.",
                        "battle_not_found")
@@ -66,9 +63,24 @@ async def _load_battle(gw: GatewayState, battle_id: str, session: str) -> dict[s
     return battle
 
 
+def battle_fields(battle: dict[str, Any]) -> dict[str, str]:
+    """The battle hash of a battle whose latest answers are finished."""
+    ballot = ballot_json(
+        battle_id=battle["battle_id"], model_a=battle["model_a"], model_b=battle["model_b"],
+        conversation_a=battle["conversation_a"][:-1],
+        conversation_b=battle["conversation_b"][:-1],
+        answer_a=battle["answer_a"], answer_b=battle["answer_b"], session=battle["session"],
+        battle_created_at=battle["created_at"])
+    return {"state": json.dumps(battle), "session": battle["session"],
+            "model_a": battle["model_a"], "model_b": battle["model_b"], "ballot": ballot}
+
+
 async def _save_battle(gw: GatewayState, battle: dict[str, Any]) -> None:
-    await gw.redis.set(BATTLE_KEY.format(id=battle["battle_id"]), json.dumps(battle),
-                       ex=gw.settings.battle_ttl_s)
+    key = BATTLE_KEY.format(id=battle["battle_id"])
+    async with gw.redis.pipeline(transaction=True) as pipe:
+        pipe.hset(key, mapping=battle_fields(battle))
+        pipe.expire(key, gw.settings.battle_ttl_s)
+        await pipe.execute()
 
 
 def _sampling(gw: GatewayState, max_tokens: int | None, temperature: float | None) -> dict:
@@ -195,33 +207,3 @@ async def continue_battle(battle_id: str, body: FollowUpRequest, request: Reques
         battle[f"conversation_{side}"].append({"role": "user", "content": body.content})
     return await _run_turn(gw, battle, records, _sampling(gw, body.max_tokens, body.temperature),
                            body.stream)
-
-
-@router.post("/v1/battles/{battle_id}/vote")
-async def vote(battle_id: str, body: VoteRequest, request: Request) -> dict[str, Any]:
-    gw = state_of(request)
-    session = request.scope["state"]["session"]
-    await gw.limiter.check("votes", session, client_ip(request),
-                           gw.settings.rate_vote_per_session, gw.settings.rate_vote_per_ip)
-    battle = await _load_battle(gw, battle_id, session)
-    if "answer_a" not in battle:
-        raise APIError(409, "This battle's answers are not finished yet.", "battle_incomplete")
-    record = VoteRecord(
-        battle_id=battle_id, model_a=battle["model_a"], model_b=battle["model_b"],
-        winner=body.winner,
-        conversation_a=battle["conversation_a"][:-1], conversation_b=battle["conversation_b"][:-1],
-        answer_a=battle["answer_a"], answer_b=battle["answer_b"], session=session,
-        battle_created_at=battle["created_at"],
-    )
-    try:
-        # Once per battle, shared by every gateway process: guard key + XADD in one script.
-        entry = await publish_vote_once(gw.redis, record, VOTED_KEY.format(id=battle_id),
-                                        gw.settings.battle_ttl_s)
-    except Exception as error:
-        raise APIError(503, f"The vote could not be stored ({error}); please retry.",
-                       "vote_store_unavailable", headers={"Retry-After": "2"}) from error
-    if entry is None:
-        raise APIError(409, "This battle already has a vote.", "already_voted")
-    gw.metrics.votes.labels(body.winner).inc()
-    return {"battle_id": battle_id, "winner": body.winner,
-            "a_model": battle["model_a"], "b_model": battle["model_b"]}

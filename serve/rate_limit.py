@@ -10,6 +10,23 @@ import redis.asyncio as aioredis
 from serve.errors import APIError
 
 WINDOW_S = 60
+KEY_TTL_S = WINDOW_S * 2
+
+
+def window_keys(action: str, session: str, ip: str) -> tuple[str, str, str]:
+    """This window's counter keys for the session and the IP, and the Retry-After value
+    (seconds left in the window)."""
+    now = time.time()
+    window = int(now // WINDOW_S)
+    retry_after = str(max(1, int(WINDOW_S - now % WINDOW_S)))
+    return (f"arena:rl:{action}:s:{session}:{window}", f"arena:rl:{action}:ip:{ip}:{window}",
+            retry_after)
+
+
+def rate_limit_error(action: str, limit: int, who: str, retry_after: str) -> APIError:
+    return APIError(429, f"Rate limit for {action} exceeded: at most {limit} per minute per "
+                         f"{who}. Retry in {retry_after}s.", "rate_limit_exceeded",
+                    headers={"Retry-After": retry_after})
 
 
 class RateLimiter:
@@ -21,18 +38,13 @@ class RateLimiter:
         """Count one `action` for this session and IP; raise 429 when either is over."""
         if per_session <= 0 and per_ip <= 0:
             return  # both limits off: no Redis round-trip
-        now = time.time()
-        window = int(now // WINDOW_S)
-        retry_after = str(max(1, int(WINDOW_S - now % WINDOW_S)))
-        keys = [(f"arena:rl:{action}:s:{session}:{window}", per_session, "session"),
-                (f"arena:rl:{action}:ip:{ip}:{window}", per_ip, "IP address")]
+        session_key, ip_key, retry_after = window_keys(action, session, ip)
+        keys = [(session_key, per_session, "session"), (ip_key, per_ip, "IP address")]
         pipe = self.redis.pipeline(transaction=False)
         for key, _, _ in keys:
             pipe.incr(key)
-            pipe.expire(key, WINDOW_S * 2)
+            pipe.expire(key, KEY_TTL_S)
         counts = (await pipe.execute())[0::2]
         for (_, limit, who), count in zip(keys, counts, strict=True):
             if limit > 0 and count > limit:
-                raise APIError(429, f"Rate limit for {action} exceeded: at most {limit} per "
-                                    f"minute per {who}. Retry in {retry_after}s.",
-                               "rate_limit_exceeded", headers={"Retry-After": retry_after})
+                raise rate_limit_error(action, limit, who, retry_after)

@@ -11,6 +11,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from arena.settings import Settings
+from feedback.vote_stream import VoteAcceptor
 from serve.metrics import GatewayMetrics
 from serve.rate_limit import RateLimiter
 from serve.upstream import ReplicaPool
@@ -25,6 +26,7 @@ class GatewayState:
     versions: VersionView
     limiter: RateLimiter
     metrics: GatewayMetrics
+    vote_acceptor: VoteAcceptor
     worker_ok: bool | None = None
     tasks: set[asyncio.Task] = field(default_factory=set)
 

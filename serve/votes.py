@@ -1,0 +1,134 @@
+"""POST /v1/battles/{battle_id}/vote — the hot path of the arena, as a plain ASGI endpoint.
+
+Every battle ends in one vote, and a crowd votes in bursts, so this route skips what the
+other routes pay for (pydantic request models, dependency solving, response encoding):
+it reads a tiny JSON body, runs one Redis script (rate limits, battle, session, once-only
+guard, XADD; feedback/vote_stream.py) and answers with the reveal. 2xx only after the vote
+is in the stream.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from feedback.vote_record import WINNERS
+from feedback.vote_stream import VoteKeys
+from serve.battles import BATTLE_KEY, VOTED_KEY
+from serve.errors import error_body
+from serve.rate_limit import KEY_TTL_S, rate_limit_error, window_keys
+from serve.state import GatewayState
+
+MAX_BODY_BYTES = 4096
+JSON_HEADERS = [(b"content-type", b"application/json")]
+OUTCOME_ERRORS = {
+    404: ("battle_not_found", "Battle '{id}' does not exist or has expired."),
+    403: ("wrong_session", "This battle belongs to another session; only the session that "
+                           "started it can continue it or vote."),
+    425: ("battle_incomplete", "This battle's answers are not finished yet."),
+    409: ("already_voted", "This battle already has a vote."),
+}
+
+
+class VoteError(Exception):
+    def __init__(self, status: int, message: str, code: str, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+        self.headers = headers or {}
+
+
+class VoteFastPath:
+    """ASGI middleware, just inside the session middleware: `POST /v1/battles/{id}/vote`
+    goes straight to `vote`, past FastAPI's exception middleware, exit stacks and router
+    (measured: a third of this route's CPU); every other request goes on to FastAPI."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            parts = scope["path"].split("/")  # "", "v1", "battles", id, "vote"
+            if len(parts) == 5 and parts[4] == "vote" and parts[1:3] == ["v1", "battles"]:
+                await vote(scope, receive, send, parts[3])
+                return
+        await self.app(scope, receive, send)
+
+
+async def vote(scope: Scope, receive: Receive, send: Send, battle_id: str) -> None:
+    gw: GatewayState = scope["app"].state.gateway
+    try:
+        winner = _winner(await _read_body(receive))
+        status, payload, headers = 200, await _accept(gw, scope, battle_id, winner), {}
+        gw.metrics.votes.labels(winner).inc()
+    except VoteError as error:
+        status, headers = error.status, error.headers
+        payload = error_body(error.status, error.message, error.code, error.param)
+        gw.metrics.errors.labels("vote", str(status)).inc()
+    body = json.dumps(payload).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [*JSON_HEADERS, (b"content-length", str(len(body)).encode()),
+                            *((k.lower().encode(), v.encode()) for k, v in headers.items())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _accept(gw: GatewayState, scope: Scope, battle_id: str, winner: str) -> dict[str, Any]:
+    session: str = scope["state"]["session"]
+    ip = scope["client"][0] if scope.get("client") else "unknown"
+    session_key, ip_key, retry_after = window_keys("votes", session, ip)
+    settings = gw.settings
+    try:
+        outcome = await gw.vote_acceptor.accept(
+            VoteKeys(battle=BATTLE_KEY.format(id=battle_id), voted=VOTED_KEY.format(id=battle_id),
+                     session_rate=session_key, ip_rate=ip_key),
+            battle_id, session, winner, settings.battle_ttl_s,  # type: ignore[arg-type]
+            settings.rate_vote_per_session, settings.rate_vote_per_ip, KEY_TTL_S)
+    except Exception as error:  # noqa: BLE001 - any Redis failure: not accepted, retry
+        raise VoteError(503, f"The vote could not be stored ({error}); please retry.",
+                        "vote_store_unavailable", headers={"Retry-After": "2"}) from error
+    if outcome.status == 429:
+        who, limit = (("session", settings.rate_vote_per_session) if outcome.limited_by ==
+                      "session" else ("IP address", settings.rate_vote_per_ip))
+        limited = rate_limit_error("votes", limit, who, retry_after)
+        raise VoteError(429, limited.message, "rate_limit_exceeded", headers=limited.headers)
+    if outcome.status != 200:
+        code, message = OUTCOME_ERRORS[outcome.status]
+        # 425 is what the script says; clients see the usual 409 for "not now".
+        raise VoteError(409 if outcome.status == 425 else outcome.status,
+                        message.format(id=battle_id), code)
+    return {"battle_id": battle_id, "winner": winner,
+            "a_model": outcome.model_a, "b_model": outcome.model_b}
+
+
+async def _read_body(receive: Receive) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise VoteError(400, "The client disconnected before sending the body.",
+                            "disconnected")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise VoteError(413, f"A vote body is at most {MAX_BODY_BYTES} bytes: "
+                                 '{"winner": "a" | "b" | "tie" | "both_bad"}.', "body_too_large")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _winner(body: bytes) -> str:
+    try:
+        data = json.loads(body)
+    except ValueError as error:
+        raise VoteError(422, f"Invalid request body: not JSON ({error}). Send "
+                             '{"winner": "a" | "b" | "tie" | "both_bad"}.',
+                        "invalid_body") from error
+    winner = data.get("winner") if isinstance(data, dict) else None
+    if winner not in WINNERS:
+        raise VoteError(422, f"Invalid request body: winner: must be one of {list(WINNERS)}, "
+                             f"got {winner!r}.", "invalid_body", "winner")
+    return winner

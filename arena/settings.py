@@ -113,7 +113,7 @@ class Settings(BaseSettings):
         None, description="Base of the reward model (same tokenizer; default the policy's base)."
     )
     learner_rollout: Literal["auto", "vllm", "transformers"] = Field(
-        "auto", description="PPO rollouts on vLLM (runtime LoRA), transformers, or vLLM if reachable."
+        "auto", description="PPO rollouts on vLLM (runtime LoRA) or transformers; auto: vLLM on a GPU if reachable, else transformers (faster on CPU)."
     )
     learner_vllm_url: str | None = Field(
         None, description="A dedicated vLLM for rollouts (default: the first serving replica)."

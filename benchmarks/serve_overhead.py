@@ -2,9 +2,9 @@
 
 Starts its own vLLM server, Redis and gateway (a separate uvicorn process, as in production),
 then, in the same run and with the same prompts:
-  1. N concurrent chat requests through the gateway vs straight to vLLM (rounds interleaved
-     so drift hits both alike): p50/p95 latency, tokens/s, ratios (target: +≤3 % p50,
-     ≥97 % tokens/s);
+  1. N concurrent chat requests (waves of N sent at once) through the gateway vs straight to
+     vLLM, rounds interleaved so drift hits both alike: p50/p95 latency, tokens/s, ratios
+     (target: +≤3 % p50, ≥97 % tokens/s), and the gateway's own CPU time per request;
   2. tokens/s with base alone vs 1 vs 4 LoRA versions in the request mix;
   3. vLLM vs transformers `generate` on the same batch.
 
@@ -48,6 +48,12 @@ PROMPTS = [
 
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) the process has used so far, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
@@ -55,31 +61,58 @@ def percentile(values: list[float], q: float) -> float:
 
 async def load_run(base_url: str, models: list[str], concurrency: int, requests: int,
                    max_tokens: int) -> dict[str, float]:
-    """`requests` chat completions, `concurrency` at a time, models taken round-robin."""
+    """`requests` chat completions in waves of `concurrency` sent at once (the next wave when
+    the last answer of this one is in), models taken round-robin. Waves give both paths the
+    same arrival pattern; a closed loop lets requests drift apart and mix prefills into the
+    decode batches, which was measured to swing a round's p50 by ±20 % either way."""
     latencies: list[float] = []
     tokens = 0
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for i in range(requests):
-        queue.put_nowait(i)
     async with httpx.AsyncClient(base_url=base_url, timeout=300) as client:
-        async def worker() -> None:
+        async def one(i: int) -> None:
             nonlocal tokens
-            while not queue.empty():
-                i = queue.get_nowait()
-                body = {"model": models[i % len(models)], "max_tokens": max_tokens,
-                        "temperature": 0, "ignore_eos": True,
-                        "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]}
-                t0 = time.perf_counter()
-                response = await client.post("/v1/chat/completions", json=body)
-                latencies.append(time.perf_counter() - t0)
-                response.raise_for_status()
-                tokens += response.json()["usage"]["completion_tokens"]
+            body = {"model": models[i % len(models)], "max_tokens": max_tokens,
+                    "temperature": 0, "ignore_eos": True,
+                    "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]}
+            t0 = time.perf_counter()
+            response = await client.post("/v1/chat/completions", json=body)
+            latencies.append(time.perf_counter() - t0)
+            response.raise_for_status()
+            tokens += response.json()["usage"]["completion_tokens"]
 
         started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        for wave in range(0, requests, concurrency):
+            await asyncio.gather(*(one(i) for i in range(wave, min(wave + concurrency,
+                                                                     requests))))
         wall = time.perf_counter() - started
     return {"p50": percentile(latencies, 0.5), "p95": percentile(latencies, 0.95),
             "tok_s": tokens / wall, "n": len(latencies)}
+
+
+async def paired_run(direct_url: str, gateway_url: str, concurrency: int, rounds: int,
+                     max_tokens: int) -> list[tuple[float, float]]:
+    """Waves of `concurrency` requests, half straight to vLLM and half through the gateway,
+    the same prompt on both sides of each pair: both halves share every decode batch, so
+    vLLM's own round-to-round swings cancel and what is left is the gateway's hop. Returns
+    (direct p50, gateway p50) per wave."""
+    per_wave = []
+    async with httpx.AsyncClient(timeout=300) as client:
+        async def one(url: str, i: int) -> float:
+            body = {"model": "base", "max_tokens": max_tokens, "temperature": 0,
+                    "ignore_eos": True,
+                    "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]}
+            t0 = time.perf_counter()
+            response = await client.post(f"{url}/v1/chat/completions", json=body)
+            response.raise_for_status()
+            return time.perf_counter() - t0
+
+        for wave in range(rounds):
+            pairs = concurrency // 2
+            direct = [one(direct_url, wave * pairs + i) for i in range(pairs)]
+            gateway = [one(gateway_url, wave * pairs + i) for i in range(pairs)]
+            latencies = await asyncio.gather(*direct, *gateway)
+            per_wave.append((statistics.median(latencies[:pairs]),
+                             statistics.median(latencies[pairs:])))
+    return per_wave
 
 
 def merge(runs: list[dict[str, float]]) -> dict[str, float]:
@@ -155,17 +188,36 @@ def main() -> None:
         print(f"\n1) gateway overhead: {args.rounds} interleaved rounds x {args.requests} "
               f"requests, concurrency {args.concurrency}, {args.max_tokens} tokens each")
         direct, gateway = [], []
-        for _ in range(args.rounds):
+        gateway_pid = procs[2].pid
+        gateway_cpu = 0.0
+        for i in range(args.rounds):
             direct.append(asyncio.run(load_run(vllm_url, ["base"], args.concurrency,
                                                args.requests, args.max_tokens)))
+            cpu_before = cpu_seconds(gateway_pid)
             gateway.append(asyncio.run(load_run(gw_url, ["base"], args.concurrency,
                                                 args.requests, args.max_tokens)))
+            gateway_cpu += cpu_seconds(gateway_pid) - cpu_before
+            dr, gr = direct[-1], gateway[-1]
+            print(f"   round {i + 1}: p50 vLLM {dr['p50']:.3f}s gateway {gr['p50']:.3f}s "
+                  f"({100 * (gr['p50'] / dr['p50'] - 1):+.1f} %), tokens/s {dr['tok_s']:.1f} "
+                  f"vs {gr['tok_s']:.1f}", flush=True)
         d, g = merge(direct), merge(gateway)
         print(f"   {'path':<10}{'p50 s':>10}{'p95 s':>10}{'tokens/s':>12}")
         print(f"   {'vLLM':<10}{d['p50']:>10.3f}{d['p95']:>10.3f}{d['tok_s']:>12.1f}")
         print(f"   {'gateway':<10}{g['p50']:>10.3f}{g['p95']:>10.3f}{g['tok_s']:>12.1f}")
         print(f"   p50 overhead {100 * (g['p50'] / d['p50'] - 1):+.2f} % (target ≤ +3 %), "
               f"tokens/s kept {100 * g['tok_s'] / d['tok_s']:.1f} % (target ≥ 97 %)")
+        print(f"   gateway CPU: {1000 * gateway_cpu / (args.rounds * args.requests):.1f} ms "
+              "per request (user + system, the gateway process, background tasks included)")
+
+        print(f"\n1b) paired: {args.rounds * 2} waves of {args.concurrency} requests, half "
+              "direct and half through the gateway in the same wave (same prompts)")
+        waves = asyncio.run(paired_run(vllm_url, gw_url, args.concurrency, args.rounds * 2,
+                                       args.max_tokens))
+        added = [g / d - 1 for d, g in waves]
+        print(f"   gateway p50 vs direct p50 in the same wave: median "
+              f"{100 * statistics.median(added):+.2f} % (waves: "
+              f"{', '.join(f'{100 * a:+.1f}' for a in added)})")
 
         if not args.skip_lora:
             print("\n2) LoRA versions in the mix (through the gateway, same load)")

@@ -32,7 +32,7 @@ from torch import nn
 
 from learner import ppo
 from learner.artifacts import atomic_dir
-from learner.precision import amp_dtype, autocast, pick_device, store_frozen_linears_in
+from learner.precision import amp_dtype, autocast, pick_device
 from learner.presets import PPOPreset
 from learner.prompt_pool import PromptPool
 from learner.rollout import RolloutBackend
@@ -87,8 +87,6 @@ def load_policy(base_model: Path, preset: PPOPreset, parent_adapter: Path | None
     if parent_adapter is not None and (parent_adapter / VALUE_HEAD_FILE).is_file():
         value_head.load_state_dict(load_file(str(parent_adapter / VALUE_HEAD_FILE)))
     device = pick_device()
-    store_frozen_linears_in(model, amp_dtype(preset.precision, device),
-                            keep=(base.get_output_embeddings(),))
     return model.to(device), value_head.to(device), tokenizer
 
 

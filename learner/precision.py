@@ -16,7 +16,6 @@ from functools import cache
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from learner.presets import Precision
 
@@ -54,28 +53,3 @@ def autocast(dtype: torch.dtype | None, device: torch.device) -> Iterator[None]:
     else:
         with torch.autocast(device.type, dtype=dtype):
             yield
-
-
-def store_frozen_linears_in(model: nn.Module, dtype: torch.dtype | None,
-                            keep: tuple[nn.Module, ...] = ()) -> int:
-    """Keep the weights of frozen linear layers in the autocast dtype; returns how many.
-
-    Autocast caches the low-precision copy of a weight only for leaf tensors that require
-    grad, so a frozen fp32 weight (the whole base model under LoRA) is cast again at every
-    call: each forward pass, and each generated token, streams the model through memory
-    twice more. Casting those weights once gives the same numbers (autocast would round
-    them to the same bf16 values) for less work. Trainable weights (LoRA) stay fp32, and so
-    do the modules in `keep`: the heads that the code runs in fp32 on purpose (LM head, which
-    SmolLM2 ties to the embedding; reward head)."""
-    if dtype is None:
-        return 0
-    kept = {id(module.weight) for module in keep}
-    casted = 0
-    for module in model.modules():
-        if (isinstance(module, nn.Linear) and not module.weight.requires_grad
-                and id(module.weight) not in kept and module.weight.dtype != dtype):
-            module.weight.data = module.weight.data.to(dtype)
-            if module.bias is not None and not module.bias.requires_grad:
-                module.bias.data = module.bias.data.to(dtype)
-            casted += 1
-    return casted

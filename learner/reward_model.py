@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from feedback.vote_record import VoteRecord
-from learner.precision import amp_dtype, autocast, pick_device, store_frozen_linears_in
+from learner.precision import amp_dtype, autocast, pick_device
 from learner.presets import Precision, RewardPreset
 from learner.sequences import PackedBatch, encode_answer, encode_prompt, pack
 
@@ -49,6 +49,9 @@ REWARD_HEAD_FILE = "reward_head.safetensors"
 HELD_OUT_BUCKETS = 100  # the held-out split is hash(vote id) mod 100 < eval_percent
 TARGET = {"a": 1.0, "b": 0.0, "tie": 0.5}  # P(a ≻ b) the loss aims at, per outcome
 NORM_EPS = 1e-6
+# Scores of 2 x 256 answers pin the scale to a few per cent; scoring every training answer
+# took as long as a third of the training itself.
+NORM_SAMPLE_PAIRS = 256
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -106,7 +109,6 @@ def build_reward_model(base_model: Path, preset: RewardPreset) -> tuple[RewardMo
     device = pick_device()
     model.to(device).eval()  # dropout off, in training too
     model.amp = amp_dtype(preset.precision, device)
-    store_frozen_linears_in(model.trunk, model.amp)
     return model, tokenizer
 
 
@@ -141,7 +143,6 @@ def load_reward_model(folder: Path, base_model: Path,
     device = pick_device()
     model.to(device).eval().requires_grad_(False)
     model.amp = amp_dtype(precision, device)
-    store_frozen_linears_in(model.trunk, model.amp)  # the head is outside the trunk: fp32
     return model, tokenizer
 
 
@@ -299,17 +300,20 @@ def train_reward_model(votes: list[VoteRecord], base_model: Path, preset: Reward
                         "heldout_calibration": held["calibration"],
                         "heldout_loss": held["loss"]})
 
-    # 3. Normalisation: mean and std of the raw scores of all training answers (the same
-    #    pass gives the training accuracy; the held-out figures are those after the last step).
+    # 3. Normalisation: mean and std of the raw scores of (a random sample of at most
+    #    NORM_SAMPLE_PAIRS) training pairs; the same pass gives the training accuracy. The
+    #    held-out figures are those after the last step.
+    sample = random.Random(preset.seed).sample(train, min(len(train), NORM_SAMPLE_PAIRS))
     with torch.no_grad():
-        scored = [model(pair_batch(train[i:i + preset.batch_size], pad_id)).split(
-            len(train[i:i + preset.batch_size])) for i in range(0, len(train), preset.batch_size)]
+        scored = [model(pair_batch(sample[i:i + preset.batch_size], pad_id)).split(
+            len(sample[i:i + preset.batch_size]))
+            for i in range(0, len(sample), preset.batch_size)]
         r_a = torch.cat([a for a, _ in scored])
         r_b = torch.cat([b for _, b in scored])
         raw = torch.cat([r_a, r_b])
         model.reward_mean.copy_(raw.mean())
         model.reward_std.copy_(raw.std().clamp(min=NORM_EPS))
-        train_eval = pair_metrics(r_a - r_b, torch.tensor([p.target for p in train],
+        train_eval = pair_metrics(r_a - r_b, torch.tensor([p.target for p in sample],
                                                           device=model.device))
     held = {"accuracy": history[-1]["heldout_accuracy"],
             "calibration": history[-1]["heldout_calibration"],

@@ -45,7 +45,15 @@ class RolloutBackend(Protocol):
 
 
 class TransformersRollout:
-    """`model.generate` on the training model itself (LoRA active): no weight transfer."""
+    """`generate` in the training process.
+
+    In fp32 it samples from the training model itself (LoRA active). With a low-precision
+    dtype (bf16 where the hardware has it) it samples from a plain copy of the network whose
+    weights are the merged policy, W + s·B·A, stored in bf16 and refreshed at every `sync`:
+    the same idea as pushing weights to a vLLM server, without LoRA kernels or autocast in
+    the decode loop. Measured (SmolLM2, 8 answers × 48 tokens, 2 cores): 120 tokens/s from the
+    merged copy vs 57–61 from the peft model under autocast; vLLM with a LoRA adapter gave
+    55–60 and 145 without one. The copy costs one model's memory in bf16."""
 
     name = "transformers"
 
@@ -54,9 +62,34 @@ class TransformersRollout:
         self.eos_id, self.pad_id = eos_id, pad_id
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.precision = precision
+        self.merged: Any = None  # the plain merged copy (low precision only)
 
     def sync(self, model: Any, step: int) -> None:
-        pass  # generation runs on the live weights
+        device = model.get_base_model().get_output_embeddings().weight.device
+        dtype = amp_dtype(self.precision, device)
+        if dtype is not None:
+            self._merge_into_copy(model, dtype)
+
+    @torch.no_grad()
+    def _merge_into_copy(self, model: Any, dtype: torch.dtype) -> None:
+        from peft.tuners.lora import LoraLayer
+        from transformers import AutoModelForCausalLM
+
+        base = model.get_base_model()  # the network with LoRA layers injected
+        if self.merged is None:
+            copy = AutoModelForCausalLM.from_config(base.config, dtype=dtype)
+            state = {name.replace(".base_layer.", "."): tensor
+                     for name, tensor in base.state_dict().items() if ".lora_" not in name}
+            copy.load_state_dict(state)
+            device = base.get_output_embeddings().weight.device
+            self.merged = copy.to(device).eval().requires_grad_(False)
+        for name, module in base.named_modules():
+            if isinstance(module, LoraLayer):
+                weight = module.get_base_layer().weight.float()
+                for adapter in module.active_adapters:
+                    if adapter in module.lora_A:
+                        weight = weight + module.get_delta_weight(adapter).float()
+                self.merged.get_submodule(name).weight.copy_(weight)
 
     @torch.no_grad()
     def generate(self, model: Any, prompts: list[list[int]], seed: int | None = None
@@ -67,12 +100,13 @@ class TransformersRollout:
                                  device=device)
         attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts],
                                       device=device)
-        amp = amp_dtype(self.precision, device)
+        sampler, amp = (self.merged, None) if self.merged is not None else \
+            (model, amp_dtype(self.precision, device))
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
                 autocast(amp, device):
             if seed is not None:
                 torch.manual_seed(seed)
-            out = model.generate(
+            out = sampler.generate(
                 input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
                 temperature=self.temperature, top_k=0, top_p=1.0,  # sample the true π
                 max_new_tokens=self.max_new_tokens, eos_token_id=self.eos_id,
@@ -81,7 +115,7 @@ class TransformersRollout:
         return [cut_at_eos(row[width:].tolist(), self.eos_id) for row in out]
 
     def close(self) -> None:
-        pass
+        self.merged = None
 
 
 class VLLMRollout:

@@ -165,3 +165,33 @@ def test_reference_weights_bit_identical(ppo_run) -> None:
     policy_after, _, _ = policy_forward(result.model, None, ppo_run["probe"],
                                         TINY.ppo.temperature)
     assert not torch.equal(policy_after, ppo_run["ref_before"])
+
+
+def test_merged_rollout_copy_follows_the_policy(tiny_model_dir: Path) -> None:
+    """The bf16 rollout copy samples from W + s·B·A: after each `sync` its logits match the
+    peft policy's to bf16 precision, far closer than the LoRA update itself moves them."""
+    from learner.policy_trainer import load_policy
+
+    preset = get_preset("tiny").ppo
+    model, _, tokenizer = load_policy(tiny_model_dir, preset)
+    rollout = TransformersRollout(tokenizer.eos_token_id, tokenizer.pad_token_id, 8, 1.0,
+                                  precision="bf16")
+    ids = torch.tensor([tokenizer("The capital of France is")["input_ids"]])
+    lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        before = None
+        for _update in range(2):  # two "PPO updates", each followed by a sync
+            for weight in lora_b:
+                weight.normal_(0.0, 0.5)
+            rollout.sync(model, 1)
+            policy = model(input_ids=ids).logits.float()
+            merged = rollout.merged(input_ids=ids).logits.float()
+            with model.disable_adapter():
+                reference = model(input_ids=ids).logits.float()
+            lora_effect = (policy - reference).abs().max().item()
+            assert (merged - policy).abs().max().item() < 0.05 * lora_effect
+            if before is not None:  # the copy moved with the second update
+                assert (merged - before).abs().max().item() > 0.1 * lora_effect
+            before = merged
+    assert len(rollout.generate(model, [ids[0].tolist()], seed=1)) == 1

@@ -81,3 +81,23 @@ def test_ppo_with_vllm_rollouts(vllm_server, tiny_model_dir: Path, tmp_path: Pat
     assert [row["step"] for row in result.history] == [1, 2]
     assert all(row["kl"] == row["kl"] for row in result.history)  # no NaN
     assert _served(vllm_server.url) == before  # every learner adapter unloaded at the end
+
+
+def test_auto_rollout_backend_is_vllm_on_gpu_only(vllm_server, settings, tiny_model_dir: Path,
+                                                  tmp_path: Path) -> None:
+    """`auto` samples on vLLM only where it is the fast sampler (a GPU); `vllm` forces it."""
+    from transformers import AutoTokenizer
+
+    from learner.pipeline import make_rollout_factory
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    chosen = {}
+    for mode in ("auto", "vllm"):
+        configured = settings.model_copy(update={"vllm_urls": [vllm_server.url],
+                                                 "learner_rollout": mode})
+        factory = make_rollout_factory(configured, TINY, tmp_path / mode, "run-" + mode)
+        backend = factory(tokenizer)
+        chosen[mode] = backend.name
+        backend.close()
+    assert chosen == {"auto": "vllm" if torch.cuda.is_available() else "transformers",
+                      "vllm": "vllm"}

@@ -49,10 +49,15 @@ class VoteFastPath:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
+        if scope["type"] == "http":
             parts = scope["path"].split("/")  # "", "v1", "battles", id, "vote"
             if len(parts) == 5 and parts[4] == "vote" and parts[1:3] == ["v1", "battles"]:
-                await vote(scope, receive, send, parts[3])
+                if scope["method"] == "POST":
+                    await vote(scope, receive, send, parts[3])
+                else:
+                    await _send_json(send, 405, error_body(
+                        405, "Votes are cast with POST.", "method_not_allowed"),
+                        {"Allow": "POST"})
                 return
         await self.app(scope, receive, send)
 
@@ -67,6 +72,11 @@ async def vote(scope: Scope, receive: Receive, send: Send, battle_id: str) -> No
         status, headers = error.status, error.headers
         payload = error_body(error.status, error.message, error.code, error.param)
         gw.metrics.errors.labels("vote", str(status)).inc()
+    await _send_json(send, status, payload, headers)
+
+
+async def _send_json(send: Send, status: int, payload: dict[str, Any],
+                     headers: dict[str, str]) -> None:
     body = json.dumps(payload).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [*JSON_HEADERS, (b"content-length", str(len(body)).encode()),

@@ -253,6 +253,8 @@ def test_vote_body_errors_say_what_to_send(gateway, gateway_settings):
         assert too_big.status_code == 413
         missing = http.post(url, json={})
         assert missing.status_code == 422 and missing.json()["error"]["param"] == "winner"
+        wrong_method = http.get(url)
+        assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
         # None of that counted: the battle can still be voted on, once.
         assert http.post(url, json={"winner": "tie"}).status_code == 200
 

@@ -3,7 +3,7 @@
 Starts a private redis-server (AOF, appendfsync always, as in production) in a temp dir and
 measures, in one run:
 
-  1. xadd      the gateway's write: `publish_vote` (redis.asyncio) from `--concurrency`
+  1. xadd      the baseline: raw `XADD` (`publish_vote`, redis.asyncio) from `--concurrency`
                concurrent writers, as many request handlers would; latency per XADD.
   2. drain     the archiver alone: a backlog of votes in the stream, one archiver process
                (`python -m feedback.consumers archiver`) empties it into the archive.

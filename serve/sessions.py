@@ -45,13 +45,12 @@ class SessionMiddleware:
             await self.app(scope, receive, send)
             return
         session = self._read(scope)
-        is_new = session is None
-        if session is None:
-            session = uuid.uuid4().hex
-        scope.setdefault("state", {})["session"] = session
-        if not is_new:
+        if session is not None:
+            scope.setdefault("state", {})["session"] = session
             await self.app(scope, receive, send)
             return
+        session = uuid.uuid4().hex  # first contact: a new session, its cookie on the answer
+        scope.setdefault("state", {})["session"] = session
 
         async def send_with_cookie(message: Message) -> None:
             if message["type"] == "http.response.start":

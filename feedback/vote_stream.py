@@ -30,13 +30,13 @@ async def publish_vote(client: aioredis.Redis, record: VoteRecord) -> str:
     entry_id = await client.xadd(
         VOTES_STREAM, {RECORD_FIELD: record.to_json(), "battle_id": record.battle_id}
     )
-    return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    return _text(entry_id)
 
 
 def publish_vote_sync(client: redis.Redis, record: VoteRecord) -> str:
     entry_id = client.xadd(VOTES_STREAM, {RECORD_FIELD: record.to_json(),
                                           "battle_id": record.battle_id})
-    return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    return _text(entry_id)
 
 
 # The whole vote, checked and appended in one atomic script: one round-trip, one AOF fsync,

@@ -31,6 +31,9 @@ router = APIRouter()
 BATTLE_KEY = "arena:battle:{id}"
 VOTED_KEY = "arena:battle:{id}:voted"
 SEED_RANGE = 2**31 - 1
+NOT_FOUND_MESSAGE = "Battle '{id}' does not exist or has expired."
+WRONG_SESSION_MESSAGE = ("This battle belongs to another session; only the session that "
+                         "started it can continue it or vote.")
 
 
 class BattleRequest(BaseModel):
@@ -54,12 +57,10 @@ def _messages(items: list[ChatMessage]) -> list[dict[str, Any]]:
 async def _load_battle(gw: GatewayState, battle_id: str, session: str) -> dict[str, Any]:
     raw = await gw.redis.hget(BATTLE_KEY.format(id=battle_id), "state")
     if raw is None:
-        raise APIError(404, f"Battle '{battle_id}' does not exist or has expired.",
-                       "battle_not_found")
+        raise APIError(404, NOT_FOUND_MESSAGE.format(id=battle_id), "battle_not_found")
     battle = json.loads(raw)
     if battle["session"] != session:
-        raise APIError(403, "This battle belongs to another session; only the session that "
-                            "started it can continue it or vote.", "wrong_session")
+        raise APIError(403, WRONG_SESSION_MESSAGE, "wrong_session")
     return battle
 
 

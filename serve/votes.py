@@ -16,28 +16,19 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from feedback.vote_record import WINNERS
 from feedback.vote_stream import VoteKeys
-from serve.battles import BATTLE_KEY, VOTED_KEY
-from serve.errors import error_body
+from serve.battles import BATTLE_KEY, NOT_FOUND_MESSAGE, VOTED_KEY, WRONG_SESSION_MESSAGE
+from serve.errors import APIError, error_body
 from serve.rate_limit import KEY_TTL_S, rate_limit_error, window_keys
 from serve.state import GatewayState
 
 MAX_BODY_BYTES = 4096
 JSON_HEADERS = [(b"content-type", b"application/json")]
 OUTCOME_ERRORS = {
-    404: ("battle_not_found", "Battle '{id}' does not exist or has expired."),
-    403: ("wrong_session", "This battle belongs to another session; only the session that "
-                           "started it can continue it or vote."),
+    404: ("battle_not_found", NOT_FOUND_MESSAGE),
+    403: ("wrong_session", WRONG_SESSION_MESSAGE),
     425: ("battle_incomplete", "This battle's answers are not finished yet."),
     409: ("already_voted", "This battle already has a vote."),
 }
-
-
-class VoteError(Exception):
-    def __init__(self, status: int, message: str, code: str, param: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.code, self.param = status, message, code, param
-        self.headers = headers or {}
 
 
 class VoteFastPath:
@@ -68,7 +59,7 @@ async def vote(scope: Scope, receive: Receive, send: Send, battle_id: str) -> No
         winner = _winner(await _read_body(receive))
         status, payload, headers = 200, await _accept(gw, scope, battle_id, winner), {}
         gw.metrics.votes.labels(winner).inc()
-    except VoteError as error:
+    except APIError as error:
         status, headers = error.status, error.headers
         payload = error_body(error.status, error.message, error.code, error.param)
         gw.metrics.errors.labels("vote", str(status)).inc()
@@ -96,17 +87,16 @@ async def _accept(gw: GatewayState, scope: Scope, battle_id: str, winner: str) -
             battle_id, session, winner, settings.battle_ttl_s,  # type: ignore[arg-type]
             settings.rate_vote_per_session, settings.rate_vote_per_ip, KEY_TTL_S)
     except Exception as error:  # noqa: BLE001 - any Redis failure: not accepted, retry
-        raise VoteError(503, f"The vote could not be stored ({error}); please retry.",
+        raise APIError(503, f"The vote could not be stored ({error}); please retry.",
                         "vote_store_unavailable", headers={"Retry-After": "2"}) from error
     if outcome.status == 429:
         who, limit = (("session", settings.rate_vote_per_session) if outcome.limited_by ==
                       "session" else ("IP address", settings.rate_vote_per_ip))
-        limited = rate_limit_error("votes", limit, who, retry_after)
-        raise VoteError(429, limited.message, "rate_limit_exceeded", headers=limited.headers)
+        raise rate_limit_error("votes", limit, who, retry_after)
     if outcome.status != 200:
         code, message = OUTCOME_ERRORS[outcome.status]
         # 425 is what the script says; clients see the usual 409 for "not now".
-        raise VoteError(409 if outcome.status == 425 else outcome.status,
+        raise APIError(409 if outcome.status == 425 else outcome.status,
                         message.format(id=battle_id), code)
     return {"battle_id": battle_id, "winner": winner,
             "a_model": outcome.model_a, "b_model": outcome.model_b}
@@ -118,12 +108,12 @@ async def _read_body(receive: Receive) -> bytes:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise VoteError(400, "The client disconnected before sending the body.",
+            raise APIError(400, "The client disconnected before sending the body.",
                             "disconnected")
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > MAX_BODY_BYTES:
-            raise VoteError(413, f"A vote body is at most {MAX_BODY_BYTES} bytes: "
+            raise APIError(413, f"A vote body is at most {MAX_BODY_BYTES} bytes: "
                                  '{"winner": "a" | "b" | "tie" | "both_bad"}.', "body_too_large")
         chunks.append(chunk)
         if not message.get("more_body", False):
@@ -134,11 +124,11 @@ def _winner(body: bytes) -> str:
     try:
         data = json.loads(body)
     except ValueError as error:
-        raise VoteError(422, f"Invalid request body: not JSON ({error}). Send "
+        raise APIError(422, f"Invalid request body: not JSON ({error}). Send "
                              '{"winner": "a" | "b" | "tie" | "both_bad"}.',
                         "invalid_body") from error
     winner = data.get("winner") if isinstance(data, dict) else None
     if winner not in WINNERS:
-        raise VoteError(422, f"Invalid request body: winner: must be one of {list(WINNERS)}, "
+        raise APIError(422, f"Invalid request body: winner: must be one of {list(WINNERS)}, "
                              f"got {winner!r}.", "invalid_body", "winner")
     return winner

@@ -148,7 +148,8 @@ def versions() -> None:
     styles = {"current": "bold green", "retired": "dim"}
     for v in listing["data"]:
         metrics = ", ".join(f"{k}={val:.4g}" if isinstance(val, float) else f"{k}={val}"
-                            for k, val in sorted((v.get("metrics") or {}).items()))
+                            for k, val in sorted((v.get("metrics") or {}).items())
+                            if not isinstance(val, dict))  # nested (sanity): `arena learner`
         table.add_row(v["id"], v["kind"], v["state"], v.get("parent") or "-",
                       _when(v.get("created_at")), v.get("promoted_by") or "-",
                       _when(v.get("promoted_at")), metrics or "-", style=styles.get(v["state"]))
@@ -189,18 +190,93 @@ def retire(version: str = typer.Argument(..., help="e.g. policy-v2")) -> None:
     _print_change(_admin("retire", version))
 
 
+# --- the loop's operator controls (GET/POST /admin/learner, /admin/auto-promote) ----------
+learner_app = typer.Typer(no_args_is_help=True, help="The learner loop: status, pause, "
+                          "resume, cancel (over the admin API).")
+app.add_typer(learner_app, name="learner")
+auto_promote_app = typer.Typer(no_args_is_help=True, help="The loop's automatic decisions "
+                               "(promote, reject, roll back): pause, resume.")
+app.add_typer(auto_promote_app, name="auto-promote")
+
+
+def _print_learner(status: dict) -> None:
+    table = Table("", "value", title="learner loop")
+    running = status.get("running")
+    table.add_row("iteration", f"{running} ({status.get('phase')} step {status.get('step')}/"
+                  f"{status.get('total')})" if running else "none running")
+    metrics = ", ".join(f"{k} {v:.4g}" for k, v in (status.get("metrics") or {}).items())
+    if metrics:
+        table.add_row("metrics", metrics)
+    if not running and status.get("task_id"):
+        result = status.get("last_result") or {}
+        table.add_row("last iteration", f"{status['task_id']} {status.get('state')} "
+                      f"{result.get('status', '')} {result.get('reason', '')}".strip())
+    table.add_row("learning", "paused" if status["paused"] else "on")
+    table.add_row("auto-promote", "off (setting)" if not status["auto_promote"] else
+                  "paused" if status["auto_promote_paused"] else "on")
+    table.add_row("votes waiting", f"{status['votes_waiting']} / {status['learn_every_votes']}")
+    table.add_row("pending", ", ".join(status["pending"]) or "-")
+    table.add_row("next iteration", status.get("blocked") or "at the vote threshold")
+    for version, row in sorted((status.get("decisions") or {}).items(),
+                               key=lambda item: item[1].get("ts") or 0):
+        table.add_row(f"decision {version}", f"{row['decision']} {_when(row.get('ts'))} UTC: "
+                      f"{row.get('reason', '')}")
+    Console().print(table)
+
+
+@learner_app.command("status")
+def learner_status() -> None:
+    """The running iteration (phase, step, metrics), pauses, votes waiting, decisions."""
+    _print_learner(_admin("learner"))
+
+
+@learner_app.command("pause")
+def learner_pause() -> None:
+    """No new learner iteration starts (votes keep counting; a running one finishes)."""
+    _print_learner(_admin("learner_action", "pause"))
+
+
+@learner_app.command("resume")
+def learner_resume() -> None:
+    """Learner iterations start again at the vote threshold."""
+    _print_learner(_admin("learner_action", "resume"))
+
+
+@learner_app.command("cancel")
+def learner_cancel() -> None:
+    """Stop the running iteration (its task is revoked, its work dir removed)."""
+    status = _admin("learner_action", "cancel")
+    console.print(status["cancel"]["message"])
+    _print_learner(status)
+
+
+@auto_promote_app.command("pause")
+def auto_promote_pause() -> None:
+    """The loop decides nothing (candidates wait for an operator)."""
+    _print_learner(_admin("auto_promote_action", "pause"))
+
+
+@auto_promote_app.command("resume")
+def auto_promote_resume() -> None:
+    """The loop promotes, rejects and rolls back again."""
+    _print_learner(_admin("auto_promote_action", "resume"))
+
 
 @app.command()
 def learn(
     follow: bool = typer.Option(False, "--follow", "-f", help="Show a progress bar until it ends."),
     votes_jsonl: Path | None = typer.Option(
         None, "--votes-jsonl", help="Train on votes from this JSONL file instead of the archive."),
+    force: bool = typer.Option(
+        False, "--force", help="Start even if learning is paused or a candidate waits for its "
+        "decision."),
 ) -> None:
     """Start a learner iteration (reward model, then PPO); a no-op if one is running."""
     from learner.trigger import follow_iteration, start_iteration
 
     settings = _settings()
-    result = start_iteration(settings, votes_jsonl=votes_jsonl, reason="arena learn")
+    result = start_iteration(settings, votes_jsonl=votes_jsonl, reason="arena learn",
+                             force=force)
     console.print(result["message"])
     if not follow or result["task_id"] is None:
         return
@@ -218,6 +294,150 @@ def learn(
             f" → {policy['metrics']['reward_end']:.3f}, KL {policy['metrics']['kl_end']:.2f}")
     else:
         console.print(f"iteration {info.get('status', 'ended')}: {info.get('reason', '')}")
+
+
+@app.command()
+def report(
+    evaluate: bool = typer.Option(
+        False, "--evaluate", help="First play each policy version without an evaluation under "
+        "--judge against its parent and base."),
+    judge: str | None = typer.Option(None, "--judge", help="Judge of --evaluate (crowd.judges)."),
+    prompts: int = typer.Option(50, "--prompts", min=1, help="Held-out prompts per evaluation."),
+    out_dir: Path | None = typer.Option(
+        None, "--out", help="Folder to write (default <data dir>/report, served at /report)."),
+) -> None:
+    """Build the loop report (HTML + PNGs): ratings over time, RM accuracy, PPO curves, win
+    rates, one row per iteration."""
+    from learner.report import build_report, evaluate_missing
+
+    settings = _settings()
+    failed: list[str] = []
+    if evaluate:
+        if not judge:
+            raise typer.BadParameter("--evaluate needs --judge NAME", param_hint="--judge")
+        try:
+            results, failed = evaluate_missing(settings, judge, prompts, console.print)
+        except ValueError as error:  # an unknown judge name
+            console.print(f"[bold red]error:[/] {error}")
+            raise typer.Exit(2) from error
+        console.print(f"{len(results)} evaluation(s) recorded")
+        for problem in failed:
+            console.print(f"[bold red]evaluation failed:[/] {problem}")
+    index = build_report(settings, out_dir)
+    console.print(f"[bold green]report written[/] to {index} (gateway: /report)")
+    if failed:
+        raise typer.Exit(1)
+
+
+
+# --- the simulated crowd and head-to-head evaluation (crowd/) ------------------------------
+@app.command()
+def simulate(
+    voters: int = typer.Option(4, "--voters", min=1, help="Simulated people (one session each)."),
+    battles: int = typer.Option(100, "--battles", min=0, help="Battles over all voters."),
+    judge: str = typer.Option("key_noun_noisy", "--judge",
+                              help="A built-in judge (crowd.judges) or package.module:function."),
+    chat_share: float = typer.Option(0.1, "--chat-share", min=0.0, max=0.99,
+                                     help="Share of turns that are plain chats (prompt pool)."),
+    prompts: Path | None = typer.Option(
+        None, "--prompts", help="Prompt file, one a line (default: crowd/data/crowd_prompts.txt)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of every voter's and judge's randomness."),
+    max_tokens: int | None = typer.Option(
+        None, "--max-tokens", min=1, help="Answer length (default: the gateway's)."),
+    url: str | None = typer.Option(None, "--url", help="Gateway URL, loopback only "
+                                   "(default: the configured gateway)."),
+    timeout_s: float = typer.Option(3600.0, "--timeout-s", help="Bound on the whole run."),
+    until_decided: int | None = typer.Option(
+        None, "--until-decided", min=1,
+        help="Stop once K policy versions are no longer candidates (still bounded)."),
+) -> None:
+    """Run a simulated crowd against the gateway's public API: chats, battles, judged votes.
+    Prints a summary table, and the summary as JSON (with the voted battle ids) on stdout."""
+    import json
+
+    from crowd.judges import get_judge
+    from crowd.prompts import load_prompts
+    from crowd.simulate import CrowdPlan
+    from crowd.simulate import simulate as run_crowd
+
+    settings = _settings()
+    try:
+        plan = CrowdPlan(url=url or settings.gateway_url, voters=voters, battles=battles,
+                         chat_share=chat_share, seed=seed, max_tokens=max_tokens,
+                         timeout_s=timeout_s, until_decided=until_decided,
+                         request_timeout_s=settings.request_timeout_s)
+        chosen = get_judge(judge)
+        questions = load_prompts(prompts)
+    except (ValueError, OSError) as error:  # CrowdError is a ValueError
+        console.print(f"[bold red]error:[/] {error}")
+        raise typer.Exit(2) from error
+    summary = run_crowd(plan, chosen, questions, console)
+    table = Table("", "", title=f"simulated crowd ({summary.voters} voters, {summary.judge})",
+                  show_header=False)
+    refused = ", ".join(f"{n}×{status}" for status, n in sorted(summary.votes_refused.items()))
+    elapsed = f"{summary.elapsed_s:.1f} s ({summary.votes_per_s:.2f} votes/s)"
+    for name, value in (("battles created", summary.battles_created),
+                        ("votes accepted", summary.votes_accepted),
+                        ("votes refused", refused or "0"), ("chats", summary.chats),
+                        ("errors", summary.errors), ("429/503 retries", summary.retries),
+                        ("elapsed", elapsed),
+                        ("stopped by", summary.stopped),
+                        ("decided policies", ", ".join(summary.decided) or "-")):
+        table.add_row(name, str(value))
+    console.print(table)
+    for message in summary.error_samples:
+        console.print(f"[red]error:[/] {message}")
+    typer.echo(json.dumps(summary.to_dict()))
+    if summary.stopped == "errors":
+        raise typer.Exit(1)
+
+
+@app.command()
+def evaluate(
+    model: str = typer.Option(..., "--model", help="Version to evaluate, e.g. policy-v2."),
+    against: str = typer.Option("base", "--against", help="The version it plays against."),
+    judge: str = typer.Option("key_noun", "--judge",
+                              help="A built-in judge (crowd.judges) or package.module:function."),
+    prompts: int | None = typer.Option(
+        None, "--prompts", min=1, help="Use the first K prompts (default: all)."),
+    prompt_file: Path | None = typer.Option(
+        None, "--prompt-file", help="Prompt file (default: crowd/data/heldout_prompts.txt)."),
+    seed: int = typer.Option(0, "--seed", help="Sampling, answer order and judge seed."),
+    max_tokens: int | None = typer.Option(
+        None, "--max-tokens", min=1, help="Answer length (default: battle_max_tokens)."),
+    samples_per_prompt: int = typer.Option(1, "--samples-per-prompt", min=1,
+                                           help="Answers per prompt and model."),
+    record: bool = typer.Option(False, "--record",
+                                help="Append the result to <data dir>/loop/evaluations.jsonl."),
+) -> None:
+    """Head-to-head of two versions on held-out prompts, judged, straight on vLLM: no vote is
+    cast, nothing archived. Prints a table, and the result as JSON on stdout."""
+    import json
+
+    from crowd.evaluate import EvalError, head_to_head, record_evaluation
+    from crowd.judges import get_judge
+    from crowd.prompts import load_prompts
+
+    settings = _settings()
+    try:
+        chosen = get_judge(judge)
+        questions = load_prompts(prompt_file, which="heldout")[:prompts]
+        result = head_to_head(settings, model, against, chosen, questions, seed=seed,
+                              max_tokens=max_tokens, samples_per_prompt=samples_per_prompt)
+    except (ValueError, OSError, EvalError) as error:
+        console.print(f"[bold red]error:[/] {error}")
+        raise typer.Exit(2) from error
+    table = Table("", "", title=f"{model} vs {against} ({result.judge})", show_header=False)
+    table.add_row("win rate", f"{result.win_rate:.3f}  95 % CI [{result.ci_low:.3f}, "
+                  f"{result.ci_high:.3f}]")
+    table.add_row("wins / losses / ties / both bad",
+                  f"{result.wins} / {result.losses} / {result.ties} / {result.both_bad}")
+    table.add_row("comparisons", f"{result.n} in {result.seconds:.1f} s")
+    console.print(table)
+    if record:
+        console.print(f"recorded in {record_evaluation(settings, result)}")
+    typer.echo(json.dumps(result.to_dict()))
+
 
 if __name__ == "__main__":
     sys.exit(app())

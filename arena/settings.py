@@ -132,7 +132,13 @@ class Settings(BaseSettings):
         3.0, description="How often the gateway checks each vLLM replica and loads live versions."
     )
     auto_promote: bool = Field(
-        False, description="Promote a candidate once its rating's lower CI bound beats current's."
+        True, description="The loop decides learner candidates: promote once the lower CI bound beats current's rating, reject, roll back (off: an operator decides)."
+    )
+    loop_min_battles: int = Field(
+        150, ge=1, description="Votes a learner candidate needs before it can be promoted."
+    )
+    loop_max_battles: int = Field(
+        600, ge=1, description="Votes after which a learner candidate that has not qualified is rejected."
     )
 
     def matchmaker_weights(self):  # -> elo.matchmaker.MatchmakerWeights

@@ -91,3 +91,14 @@ class AdminClient:
 
     def retire(self, version: str) -> dict:
         return self._call("POST", f"/admin/versions/{version}/retire")
+
+    def learner(self) -> dict:
+        return self._call("GET", "/admin/learner")
+
+    def learner_action(self, action: str) -> dict:
+        """pause, resume or cancel."""
+        return self._call("POST", f"/admin/learner/{action}")
+
+    def auto_promote_action(self, action: str) -> dict:
+        """pause or resume."""
+        return self._call("POST", f"/admin/auto-promote/{action}")

@@ -11,6 +11,13 @@ checkpoint), 503 (a replica could not load the version; `current` unchanged).
     POST /admin/rollback                  the previous current comes back
     POST /admin/versions/{id}/retire      out of serving and battles (files stay)
 
+    GET  /admin/learner                   the loop: running iteration (phase, step, total,
+                                          metrics), pause flags, votes waiting, pending
+                                          candidates, decisions
+    POST /admin/learner/pause | resume    no new learner iteration starts / they start again
+    POST /admin/learner/cancel            stop the running iteration (409 if none runs)
+    POST /admin/auto-promote/pause | resume   the loop decides nothing / decides again
+
 An optional `X-Arena-Actor` header names who acted, for the records and the audit log.
 """
 
@@ -30,6 +37,7 @@ from pydantic import BaseModel, Field
 from arena.secrets import admin_token
 from deploy import hot_swap, store
 from deploy.adapter_check import AdapterRefused
+from deploy.decision import auto_promote_paused, set_auto_promote_paused
 from deploy.registry import Registry, UnknownVersion, VersionRecord
 from deploy.states import TransitionError
 from serve.errors import APIError
@@ -168,3 +176,46 @@ async def retire_version(version: str, request: Request,
     result = await _call(hot_swap.retire(_gateway(request).pool, registry_of(request),
                                          version, actor))
     return result.to_dict()
+
+
+# --- the loop: learner and auto-promotion controls ----------------------------------------
+async def _learner_status(request: Request) -> dict[str, Any]:
+    from learner.trigger import learner_status
+
+    return await asyncio.to_thread(learner_status, _gateway(request).settings)
+
+
+@router.get("/learner")
+async def learner_state(request: Request) -> dict[str, Any]:
+    return await _learner_status(request)
+
+
+@router.post("/learner/{action}")
+async def learner_control(action: Literal["pause", "resume", "cancel"], request: Request,
+                          actor: str = Depends(require_admin)) -> dict[str, Any]:
+    from learner.trigger import cancel_iteration, is_paused, set_paused
+
+    registry = registry_of(request)
+    if action == "cancel":
+        result = await asyncio.to_thread(cancel_iteration, _gateway(request).settings)
+        if result["cancelled"] is None:
+            raise APIError(409, "No learner iteration is running.", "not_running")
+        registry.audit("cancel", None, actor=actor, before=f"task={result['cancelled']}",
+                       after=result["state"])
+        return {**await _learner_status(request), "cancel": result}
+    before = await asyncio.to_thread(is_paused, registry.redis)
+    await asyncio.to_thread(set_paused, registry.redis, action == "pause")
+    registry.audit(f"learner-{action}", None, actor=actor, before=f"paused={before}",
+                   after=f"paused={action == 'pause'}")
+    return await _learner_status(request)
+
+
+@router.post("/auto-promote/{action}")
+async def auto_promote_control(action: Literal["pause", "resume"], request: Request,
+                               actor: str = Depends(require_admin)) -> dict[str, Any]:
+    registry = registry_of(request)
+    before = await asyncio.to_thread(auto_promote_paused, registry.redis)
+    await asyncio.to_thread(set_auto_promote_paused, registry.redis, action == "pause")
+    registry.audit(f"auto-promote-{action}", None, actor=actor, before=f"paused={before}",
+                   after=f"paused={action == 'pause'}")
+    return await _learner_status(request)

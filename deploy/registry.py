@@ -53,6 +53,7 @@ class VersionRecord:
     files: dict[str, str] = field(default_factory=dict)  # file name -> sha256
     promoted_by: str | None = None
     promoted_at: float | None = None
+    created_by: str | None = None  # who registered it (the learner's versions: "learner")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -99,7 +100,7 @@ class Registry:
         record = VersionRecord(id=BASE, kind="base", state="current", created_at=0.0)
         if self.redis.hsetnx(VERSIONS_KEY, BASE, record.to_json()):
             self.redis.setnx(CURRENT_KEY, BASE)
-            self._audit("register", BASE, actor="system", before=None, after="current")
+            self.audit("register", BASE, actor="system", before=None, after="current")
 
     def next_id(self, kind: Literal["policy", "reward"]) -> str:
         prefix = "policy" if kind == "policy" else "rm"
@@ -111,12 +112,14 @@ class Registry:
 
     def add(self, record: VersionRecord, actor: str = "system") -> VersionRecord:
         """Register a new version; its id must be new (names are immutable)."""
+        if record.created_by is None:
+            record.created_by = actor
         if not self.redis.hsetnx(VERSIONS_KEY, record.id, record.to_json()):
             raise TransitionError(f"version {record.id} already exists; names are immutable")
-        self._audit("register", record.id, actor=actor, before=None, after=record.state)
+        self.audit("register", record.id, actor=actor, before=None, after=record.state)
         return record
 
-    def promote(self, version: str, actor: str) -> tuple[str, str]:
+    def promote(self, version: str, actor: str, reason: str | None = None) -> tuple[str, str]:
         """Make `version` current; the old current becomes a candidate. Returns (old, new)."""
 
         def change(pipe: redis.client.Pipeline) -> tuple[str, str]:
@@ -137,7 +140,8 @@ class Registry:
         old, new = self.redis.transaction(
             change, VERSIONS_KEY, CURRENT_KEY, value_from_callable=True
         )
-        self._audit("promote", new, actor=actor, before=f"current={old}", after=f"current={new}")
+        self.audit("promote", new, actor=actor, before=f"current={old}", after=f"current={new}",
+                   reason=reason)
         return old, new
 
     def rollback_target(self) -> str:
@@ -151,17 +155,19 @@ class Registry:
                 continue
         raise TransitionError("nothing to roll back to: no earlier current version is live")
 
-    def rollback(self, actor: str) -> tuple[str, str]:
+    def rollback(self, actor: str, reason: str | None = None) -> tuple[str, str]:
         target = self.rollback_target()
-        old, new = self.promote(target, actor)
+        old, new = self.promote(target, actor, reason=reason)
         # The rollback itself pushed `old` onto the history; drop the entry we returned to
         # so a second rollback goes one further back instead of flip-flopping.
         self.redis.lrem(PREVIOUS_KEY, 1, new)
         self.redis.lrem(PREVIOUS_KEY, 1, old)
-        self._audit("rollback", new, actor=actor, before=f"current={old}", after=f"current={new}")
+        self.audit("rollback", new, actor=actor, before=f"current={old}", after=f"current={new}",
+                   reason=reason)
         return old, new
 
-    def retire(self, version: str, actor: str) -> tuple[State, State]:
+    def retire(self, version: str, actor: str,
+               reason: str | None = None) -> tuple[State, State]:
         def change(pipe: redis.client.Pipeline) -> tuple[State, State]:
             record = self._get_in(pipe, version)
             before = record.state
@@ -172,7 +178,7 @@ class Registry:
             return before, record.state
 
         before, after = self.redis.transaction(change, VERSIONS_KEY, value_from_callable=True)
-        self._audit("retire", version, actor=actor, before=before, after=after)
+        self.audit("retire", version, actor=actor, before=before, after=after, reason=reason)
         return before, after
 
     # --- helpers ---------------------------------------------------------------------------
@@ -183,11 +189,17 @@ class Registry:
             raise UnknownVersion(version)
         return VersionRecord.from_json(raw)
 
-    def _audit(self, action: str, version: str, actor: str, before: Any, after: Any) -> None:
+    def audit(self, action: str, version: str | None, actor: str, before: Any, after: Any,
+              reason: str | None = None) -> None:
+        """Append one line to the audit log (also for operator actions outside the registry,
+        e.g. pausing the learner)."""
         if self.audit_path is None:
             return
         self.audit_path.parent.mkdir(parents=True, exist_ok=True)
-        line = json.dumps({"ts": time.time(), "action": action, "version": version,
-                           "actor": actor, "before": before, "after": after})
+        entry = {"ts": time.time(), "action": action, "version": version, "actor": actor,
+                 "before": before, "after": after}
+        if reason is not None:
+            entry["reason"] = reason
+        line = json.dumps(entry)
         with self.audit_path.open("a", encoding="utf-8") as f:
             f.write(line + "\n")

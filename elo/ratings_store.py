@@ -6,7 +6,9 @@ Keys (all JSON is UTF-8 text):
     arena:ratings:online:applied   set    vote ids already applied to the online ratings
     arena:ratings:fit              string the latest Bradley-Terry fit (`BTFit`): board of record
     arena:ratings:pairs            string the pair counts that fit used (`PairCounts` as JSON)
-    arena:ratings:history          list   one {"ts", "ratings"} point per refit, oldest first
+    arena:ratings:history          list   one {"ts", "ratings", "lower", "upper", "n_votes"}
+                                          point per refit, oldest first (points stored before
+                                          the CI was kept have only "ts" and "ratings")
 
 Functions take a redis-py client (sync, or `redis.asyncio` for the `async` readers the gateway
 calls) and plain values; they read no settings.
@@ -181,8 +183,10 @@ def apply_online_votes(
 def save_fit(
     client: redis.Redis, fit: BTFit, counts: PairCounts, history_limit: int = HISTORY_LIMIT
 ) -> None:
-    """Store the fit, its pair counts and a history point, all at once."""
-    point = json.dumps({"ts": fit.fitted_at, "ratings": fit.ratings}, separators=(",", ":"))
+    """Store the fit, its pair counts and a history point (ratings with their CI bounds),
+    all at once."""
+    point = json.dumps({"ts": fit.fitted_at, "ratings": fit.ratings, "lower": fit.lower,
+                        "upper": fit.upper, "n_votes": fit.n_votes}, separators=(",", ":"))
     with client.pipeline(transaction=True) as pipe:
         pipe.set(FIT_KEY, fit.to_json())
         pipe.set(PAIRS_KEY, pair_counts_to_json(counts))
@@ -202,7 +206,8 @@ def load_pair_counts(client: redis.Redis) -> PairCounts | None:
 
 
 def load_history(client: redis.Redis, limit: int | None = None) -> list[dict[str, Any]]:
-    """History points {"ts", "ratings"}, oldest first (the last `limit` if given)."""
+    """History points {"ts", "ratings", "lower", "upper", "n_votes"}, oldest first (the last
+    `limit` if given)."""
     start = -limit if limit else 0
     return [json.loads(raw) for raw in client.lrange(HISTORY_KEY, start, -1)]
 

@@ -3,9 +3,13 @@
     archiver          votes  -> the archive (insert-or-ignore on the vote id), then XACK
     ranker            votes  -> online Elo in Redis (once per vote id); and, every
                                 refit_every_s, a Bradley-Terry refit with bootstrap CIs from
-                                the archive's pair counts (elo/ratings_store.py keeps both)
+                                the archive's pair counts (elo/ratings_store.py keeps both),
+                                then the loop's decisions on the learner's candidates
+                                (deploy/decision.py: promote, reject, roll back)
     learner-trigger   votes  -> counts votes since the last learner run; at learn_every_votes
-                                calls `learner.trigger.start_iteration(settings)`
+                                calls `learner.trigger.start_iteration(settings)` unless an
+                                iteration runs, learning is paused or a learner candidate
+                                waits for its decision (the votes keep counting meanwhile)
     chat-archiver     chats  -> the archive's chat turns (if settings.archive_chats)
 
 `run_consumers(settings)` runs them in one process, a thread each, until SIGTERM or SIGINT
@@ -31,6 +35,8 @@ import redis
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from arena.settings import Settings
+from deploy.decision import apply_decisions
+from deploy.registry import Registry
 from elo.ratings_store import OnlineVote, apply_online_votes
 from feedback.archive import Archive, ChatTurn
 from feedback.refit import refit_ratings
@@ -61,6 +67,7 @@ ALL_CONSUMERS = (ARCHIVER, RANKER, LEARNER_TRIGGER, CHAT_ARCHIVER)
 LEARNER_COUNTED_KEY = "arena:learner:counted"  # every vote id the trigger has counted
 LEARNER_LAST_TRIGGER_KEY = "arena:learner:last_trigger"
 TRIGGER_FUNCTION = ("learner.trigger", "start_iteration")
+GATE_FUNCTION = ("learner.trigger", "why_not_start")
 HOUSEKEEPING_EVERY_S = 10.0
 MAX_BACKOFF_S = 5.0
 DB_TRANSIENT_ERRORS: tuple[type[Exception], ...] = (OperationalError, InterfaceError)
@@ -125,29 +132,42 @@ for _, id in ipairs(ARGV) do new = new + redis.call('SADD', KEYS[1], id) end
 if new > 0 then return redis.call('INCRBY', KEYS[2], new) end
 return tonumber(redis.call('GET', KEYS[2]) or '0')
 """
-# If at least ARGV[1] votes are waiting, take them all (return how many, reset to 0).
-_TAKE_IF_AT_LEAST = """
+# Take the ARGV[1] votes an iteration was started for (never below 0): votes counted since
+# stay for the next one.
+_TAKE = """
 local waiting = tonumber(redis.call('GET', KEYS[1]) or '0')
-if waiting < tonumber(ARGV[1]) then return 0 end
-redis.call('SET', KEYS[1], 0)
-return waiting
+local taken = math.min(waiting, tonumber(ARGV[1]))
+redis.call('SET', KEYS[1], waiting - taken)
+return taken
 """
+Gate = Callable[[redis.Redis], str | None]
+
+
+def _started(result: Any) -> bool:
+    """A trigger's answer: start_iteration's {"started": bool, ...}; any other = started."""
+    return not isinstance(result, dict) or bool(result.get("started", True))
 
 
 class LearnerTrigger(VoteConsumer):
     """Counts votes since the last learner run, each vote id once however often it is
-    delivered; at learn_every_votes it takes the count (back to 0) and calls the trigger.
-    If the trigger fails the votes count again. Without a trigger (the learner's
-    `learner.trigger.start_iteration` not installed yet) the votes keep counting."""
+    delivered; at learn_every_votes, unless the gate says no (an iteration runs, learning is
+    paused, a learner candidate waits for its decision: `learner.trigger.why_not_start`), it
+    calls the trigger, and only when that started an iteration takes the votes counted
+    (back towards 0). Votes that arrive while it cannot start count toward the next one;
+    so do those of a trigger that fails or answers "not started". Without a trigger (the
+    learner's `learner.trigger.start_iteration` not installed) the votes keep counting."""
 
     def __init__(self, client: redis.Redis, settings: Settings, config: ConsumerConfig,
-                 trigger: Trigger | None = None, name: str | None = None) -> None:
+                 trigger: Trigger | None = None, name: str | None = None,
+                 gate: Gate | None = None) -> None:
         super().__init__(client, LEARNER_TRIGGER, config, name)
         self.settings = settings
         self.trigger = trigger
+        self.gate = gate
         self._count_new = client.register_script(_COUNT_NEW)
-        self._take = client.register_script(_TAKE_IF_AT_LEAST)
+        self._take = client.register_script(_TAKE)
         self._warned_missing = False
+        self._blocked: str | None = None
 
     def process(self, entry_ids: Sequence[str], items: Sequence[VoteRecord]) -> None:
         waiting = int(self._count_new(keys=[LEARNER_COUNTED_KEY, LEARNER_VOTES_KEY],
@@ -157,20 +177,31 @@ class LearnerTrigger(VoteConsumer):
         trigger = self.trigger or self._find_trigger()
         if trigger is None:
             return
-        taken = int(self._take(keys=[LEARNER_VOTES_KEY], args=[self.settings.learn_every_votes]))
-        if not taken:
-            return  # another trigger consumer took this window
-        log.info("learner trigger: %d new votes, starting a learner iteration", taken)
-        try:
-            trigger(self.settings)
-        except Exception:
-            self.client.incrby(LEARNER_VOTES_KEY, taken)
-            log.exception("learner trigger failed; its %d votes count again", taken)
+        gate = self.gate or self._find(GATE_FUNCTION)
+        if gate is not None and (blocked := gate(self.client)) is not None:
+            if blocked != self._blocked:  # log once per reason, not once per vote batch
+                log.info("learner trigger: %d votes waiting, not starting: %s", waiting, blocked)
+            self._blocked = blocked
             return
+        self._blocked = None
+        log.info("learner trigger: %d new votes, starting a learner iteration", waiting)
+        try:
+            result = trigger(self.settings)
+        except Exception:
+            log.exception("learner trigger failed; its %d votes count again", waiting)
+            return
+        if not _started(result):
+            log.info("learner trigger: not started (%s); the %d votes count toward the next "
+                     "iteration", result.get("message"), waiting)
+            return
+        taken = int(self._take(keys=[LEARNER_VOTES_KEY], args=[waiting]))
         self.client.set(LEARNER_LAST_TRIGGER_KEY, json.dumps({"ts": time.time(), "votes": taken}))
 
     def _find_trigger(self) -> Trigger | None:
-        module_name, function_name = TRIGGER_FUNCTION
+        return self._find(TRIGGER_FUNCTION)
+
+    def _find(self, where: tuple[str, str]) -> Any:
+        module_name, function_name = where
         importlib.invalidate_caches()
         try:
             function = getattr(importlib.import_module(module_name), function_name)
@@ -310,7 +341,9 @@ def _consume_loop(consumer: StreamConsumer[Any], stop: threading.Event) -> None:
 
 def _periodic_loop(settings: Settings, client: redis.Redis, archive: Archive, refit: bool,
                    stop: threading.Event) -> None:
-    """Bradley-Terry refits (when the ranker runs here) and stream housekeeping."""
+    """Bradley-Terry refits and, right after each, the loop's decisions (when the ranker
+    runs here); stream housekeeping."""
+    registry = Registry(client, settings.data_dir / "audit.log")
     next_refit = next_housekeeping = time.monotonic()
     while not stop.wait(0.5):
         now = time.monotonic()
@@ -318,6 +351,7 @@ def _periodic_loop(settings: Settings, client: redis.Redis, archive: Archive, re
             if refit and now >= next_refit:
                 next_refit = now + settings.refit_every_s
                 refit_ratings(client, archive, settings.bt_bootstrap_rounds)
+                apply_decisions(client, registry, settings)
             if now >= next_housekeeping:
                 next_housekeeping = now + HOUSEKEEPING_EVERY_S
                 housekeeping(client, archive)

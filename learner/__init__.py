@@ -14,4 +14,6 @@
     trigger         start_iteration (one at a time, Redis lock), follow a task's progress
     synthetic       hidden-rule votes and a tiny SFT base, for tests and demos
     plot            PNG of an iteration (RM accuracy, reward, KL)
+    sanity          empty / cut-off / repeated answers and length of a new policy and its parent
+    report          the loop report: HTML + PNGs over all iterations (`arena report`)
 """

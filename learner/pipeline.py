@@ -70,16 +70,46 @@ def registry_for(settings: Settings) -> Any:
 def _register(settings: Settings, registry: Any, record_kwargs: dict[str, Any]) -> None:
     """Register the published version as a candidate; a registry that is down leaves the
     manifest on disk (the version can be registered from it later)."""
+    from deploy.decision import LEARNER_ACTOR
     from deploy.registry import VersionRecord
     from deploy.states import TransitionError
 
     try:
-        registry.add(VersionRecord(**record_kwargs), actor="learner")
+        registry.add(VersionRecord(**record_kwargs), actor=LEARNER_ACTOR)
     except TransitionError:
         pass  # already registered by an earlier attempt of this task
     except Exception as error:  # noqa: BLE001
         log.warning("could not register %s (manifest stays on disk): %s",
                     record_kwargs["id"], error)
+
+
+def _check_servable(settings: Settings, model: Any, work: Path) -> Any:
+    """The checks an operator's adapter passes before it is registered (deploy/adapter_check:
+    a LoRA on our base's shapes, rank <= the servers' max), on the trained adapter saved in
+    the work dir. None if it passes, else the AdapterRefused."""
+    from deploy.adapter_check import AdapterRefused, check_adapter, read_base_shape
+
+    folder = work / "servable-check"
+    shutil.rmtree(folder, ignore_errors=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    try:
+        check_adapter(folder, read_base_shape(settings.base_model_path),
+                      settings.vllm_max_lora_rank)
+    except AdapterRefused as error:
+        return error
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return None
+
+
+def _refused(registry: Any, version: str, error: Any, result: dict[str, Any]) -> dict[str, Any]:
+    """A policy the servers could not load: not published, not registered, reported."""
+    log.warning("policy %s refused, not registered (%s): %s", version, error.code, error)
+    if registry is not None:
+        registry.audit("refuse", version, actor="learner", before=None, after=None,
+                       reason=f"{error.code}: {error}")
+    return {**result, "version": None,
+            "refused": {"id": version, "code": error.code, "reason": str(error)}}
 
 
 def _next_id(registry: Any, kind: str) -> Callable[[], str] | None:
@@ -226,6 +256,7 @@ def run_policy(settings: Settings, task_id: str, rm_version: str | None = None,
     from learner.policy_trainer import save_adapter, train_policy
     from learner.prompt_pool import PromptPool, user_prompts_from_archive
     from learner.reward_model import load_reward_model
+    from learner.sanity import policy_sanity
     from learner.sequences import encode_answer, encode_prompt
     from learner.votes import vote_source
 
@@ -265,6 +296,12 @@ def run_policy(settings: Settings, task_id: str, rm_version: str | None = None,
     version = artifacts.allocate_id(versions, "policy", _next_id(registry, "policy"))
     final = versions / version
     metrics = {**result.metrics, "rm_heldout_accuracy": rm_manifest["metrics"]["heldout_accuracy"]}
+    if (refusal := _check_servable(settings, result.model, work)) is not None:
+        shutil.rmtree(work, ignore_errors=True)
+        return _refused(registry, version, refusal, {"path": None, "metrics": metrics,
+                                                     "parent": parent_id,
+                                                     "rm_version": rm_manifest["id"]})
+    metrics["sanity"] = policy_sanity(result.model, result.tokenizer, parent_path, preset.ppo)
     with artifacts.atomic_dir(final, kind="policy") as tmp:
         save_adapter(result.model, result.value_head, tmp)
         manifest = artifacts.write_manifest(tmp, {

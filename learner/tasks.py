@@ -6,12 +6,15 @@ versions are not written twice, a policy run resumes from its last checkpoint, a
 half-written is ever visible under a version name.
 
 Progress goes to the task state (`PROGRESS`, meta: phase, step, total, reward, kl, eta_s …)
-and to the log.
+and to the log (a line per phase change, final step, or every LOG_EVERY_S). An iteration
+cancelled by an operator (learner.trigger.cancel_iteration) stops at its next progress
+update even if the worker could not kill it.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from functools import cache
 from typing import Any
@@ -21,6 +24,12 @@ from learner.celery_app import app
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 1.0  # at most one state update a second (the RM reports per batch)
+LOG_EVERY_S = 10.0  # at most one progress log line per 10 s (and one per phase change)
+LOGGED_FIELDS = ("reward", "kl", "loss", "eta_s")
+
+
+class IterationCancelled(Exception):
+    """An operator cancelled this iteration."""
 
 
 @cache
@@ -28,23 +37,42 @@ def _settings() -> Settings:
     return Settings()
 
 
+def progress_line(meta: dict[str, Any]) -> str:
+    """'phase policy step 3/10 reward 0.120 kl 0.310 loss 0.0100 eta_s 42'."""
+    parts = [f"phase {meta.get('phase')}", f"step {meta.get('step')}/{meta.get('total')}"]
+    parts += [f"{k} {meta[k]:.3g}" for k in LOGGED_FIELDS if isinstance(meta.get(k), int | float)]
+    return " ".join(parts)
+
+
 class _Reporter:
-    """Progress callback: Celery state + log, throttled; renews the iteration lock."""
+    """Progress callback: Celery state + log, throttled; renews the iteration lock, and
+    stops the iteration (IterationCancelled) once an operator cancelled it."""
 
     def __init__(self, task: Any, lock: Any = None, token: str | None = None) -> None:
         self.task, self.lock, self.token = task, lock, token
         self.last = 0.0
+        self.last_log = 0.0
+        self.phase: Any = None
 
     def __call__(self, meta: dict[str, Any]) -> None:
         now = time.monotonic()
         final = meta.get("step") == meta.get("total")
-        if now - self.last < PROGRESS_EVERY_S and not final and meta.get("phase") != "policy":
+        new_phase = meta.get("phase") != self.phase
+        if (now - self.last < PROGRESS_EVERY_S and not final and not new_phase
+                and meta.get("phase") != "policy"):
             return
         self.last = now
         clean = {k: v for k, v in meta.items() if isinstance(v, int | float | str) or v is None}
         if self.task.request.id is not None:  # not when called eagerly without a task id
             self.task.update_state(state="PROGRESS", meta=clean)
+        if new_phase or final or now - self.last_log >= LOG_EVERY_S:
+            self.last_log, self.phase = now, meta.get("phase")
+            log.info("learner progress (task %s): %s", self.task.request.id, progress_line(clean))
         if self.lock is not None and self.token is not None:
+            from learner.trigger import was_cancelled
+
+            if was_cancelled(self.lock.redis, self.token):
+                raise IterationCancelled(f"iteration {self.token} was cancelled")
             self.lock.renew(self.token)
 
 
@@ -88,13 +116,17 @@ def iterate(self: Any, votes_jsonl: str | None = None, lock_token: str | None = 
             reason: str = "on demand") -> dict[str, Any]:
     """One iteration of online RLHF: a reward model on all votes so far, then PPO from the
     current policy against it; the new policy is registered as a candidate."""
+    from learner import artifacts
     from learner.pipeline import NotEnoughVotes, run_policy, run_reward_model
-    from learner.trigger import IterationLock
+    from learner.trigger import TASK_PHASES, IterationLock, was_cancelled
 
     settings = _settings()
     task_id = self.request.id or "eager-iterate"
     token = lock_token or task_id
     lock = IterationLock.for_settings(settings)
+    if was_cancelled(lock.redis, token):
+        log.info("learner iteration %s was cancelled before it ran; skipped", task_id)
+        return {"status": "cancelled", "reason": "cancelled by an operator"}
     if not lock.hold(token):
         message = f"another learner iteration holds the lock (task {lock.holder()}); skipped"
         log.info(message)
@@ -110,8 +142,19 @@ def iterate(self: Any, votes_jsonl: str | None = None, lock_token: str | None = 
             return {"status": "skipped", "reason": str(error)}
         policy = run_policy(settings, f"{task_id}-policy", rm["version"], None, votes_jsonl,
                             reporter, registry)
+        if policy.get("refused"):
+            log.warning("learner iteration %s: its policy was refused, not registered: %s",
+                        task_id, policy["refused"]["reason"])
+            return {"status": "refused", "reward_model": rm, "policy": policy,
+                    "reason": policy["refused"]["reason"]}
         log.info("learner iteration %s done: %s (from %s) with %s", task_id, policy["version"],
                  policy["parent"], rm["version"])
         return {"status": "done", "reward_model": rm, "policy": policy}
+    except IterationCancelled as error:
+        for phase in TASK_PHASES:
+            shutil.rmtree(settings.versions_dir / artifacts.WORK_DIR / f"{task_id}-{phase}",
+                          ignore_errors=True)
+        log.info("learner iteration %s stopped: %s", task_id, error)
+        return {"status": "cancelled", "reason": str(error)}
     finally:
         lock.release(token)

@@ -115,8 +115,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def _include_optional_routers(app: FastAPI) -> None:
-    """Routers of packages that plug into the gateway (leaderboard, operator API)."""
-    for module_name in ("serve.leaderboard", "deploy.admin_routes"):
+    """Routers of packages that plug into the gateway (leaderboard, operator API, report)."""
+    for module_name in ("serve.leaderboard", "deploy.admin_routes", "serve.report_routes"):
         try:
             module = __import__(module_name, fromlist=["router"])
         except ImportError as error:

@@ -1,11 +1,10 @@
 """Deploy on the real stack: the tiny model in a real vLLM server, the gateway app served by
 uvicorn in a thread, the real Redis, the official `openai` client. Promote and rollback under
 a steady stream of chat requests, refused checkpoints, the operator token, retirement, the
-replica sync, the CLI and the auto-promotion hook."""
+replica sync and the CLI (the loop's controls: tests/test_deploy_loop_admin.py)."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import threading
 import time
@@ -25,7 +24,6 @@ from arena.net import free_port
 from arena.settings import Settings
 from arena.tiny_model import build_lora_adapter
 from deploy.admin_client import AdminClient, AdminError
-from deploy.auto_promote import maybe_promote
 from deploy.manifest import Manifest, hash_folder, write_manifest
 from deploy.registry import Registry
 from deploy.store import register_adapter
@@ -354,24 +352,3 @@ def test_cli_operator_commands(gateway: Gateway, lora_adapters: list[Path]) -> N
     assert "409" in arena("retire", "policy-v1", code=1)
     assert "401" in arena("versions", code=1, token="wrong")
     assert "not_found" in arena("promote", "policy-v7", code=1)
-
-
-# --- auto-promotion hook ------------------------------------------------------------------
-def test_maybe_promote_loads_then_promotes(settings: Settings, clean_vllm: str,
-                                           lora_adapters: list[Path]) -> None:
-    settings.vllm_urls = [clean_vllm]
-    settings.auto_promote = True
-    registry = Registry(redis.Redis.from_url(settings.effective_redis_url),
-                        settings.data_dir / "audit.log")
-    registry.ensure_base()
-    v1 = register_adapter(settings, registry, lora_adapters[0])
-    board = {"base": {"rating": 1000.0, "lower": 1000.0, "upper": 1000.0},
-             v1.id: {"rating": 1040.0, "lower": 995.0, "upper": 1080.0}}
-    assert maybe_promote(registry, board, settings) is None  # not yet sure
-    board[v1.id]["lower"] = 1012.0
-    assert maybe_promote(registry, board, settings) == v1.id
-    assert vllm_adapters(clean_vllm) == {v1.id: v1.path}
-    record = registry.get(v1.id)
-    assert (record.state, record.promoted_by) == ("current", "auto-promote")
-    assert json.loads((settings.data_dir / "audit.log").read_text().splitlines()[-1])[
-        "actor"] == "auto-promote"

@@ -1,6 +1,6 @@
 """The version store and its checks, on real files and the real Redis (no model server):
 registering copies atomically with a manifest; corrupt, missing or incompatible adapters are
-refused and leave nothing behind; auto-promotion's rule."""
+refused and leave nothing behind (the loop's decision rule: tests/test_deploy_decision.py)."""
 
 from __future__ import annotations
 
@@ -14,13 +14,6 @@ import redis
 from arena.settings import Settings
 from arena.tiny_model import build_lora_adapter
 from deploy.adapter_check import AdapterRefused
-from deploy.auto_promote import (
-    Rating,
-    maybe_promote,
-    pick_promotion,
-    ratings_from_leaderboard,
-    should_auto_promote,
-)
 from deploy.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -192,41 +185,3 @@ def test_register_reward_model(settings: Settings, registry: Registry,
     record = register_reward_model(settings, registry, lora_adapters[0], metrics={"acc": 0.7})
     assert (record.id, record.kind, record.state) == ("rm-v1", "reward", "candidate")
     assert [r.id for r in registry.policies()] == ["base"]
-
-
-# --- auto-promotion -------------------------------------------------------------------------
-def test_should_auto_promote_is_the_lower_bound_rule() -> None:
-    current = Rating(1000.0, 1000.0, 1000.0)
-    assert should_auto_promote(Rating(1060.0, 1001.0, 1120.0), current)
-    assert not should_auto_promote(Rating(1060.0, 1000.0, 1120.0), current)
-    assert not should_auto_promote(Rating(1200.0, 990.0, 1400.0), current)
-    assert not should_auto_promote(None, current)
-    assert not should_auto_promote(Rating(1060.0, 1050.0, 1070.0), None)
-
-
-def test_pick_promotion_takes_the_surest_candidate() -> None:
-    board = ratings_from_leaderboard({
-        "base": {"rating": 1000, "lower": 1000, "upper": 1000},
-        "policy-v1": {"rating": 1100, "lower": 1010, "upper": 1190},
-        "policy-v2": {"rating": 1080, "lower": 1040, "upper": 1120},
-        "policy-v3": {"rating": 1300, "lower": 900, "upper": 1700},
-        "policy-v4": {"rating": 1500},  # no interval yet: never promoted
-    })
-    assert set(board) == {"base", "policy-v1", "policy-v2", "policy-v3"}
-    candidates = ["policy-v1", "policy-v2", "policy-v3", "policy-v4"]
-    assert pick_promotion("base", candidates, board) == "policy-v2"
-    assert pick_promotion("policy-v2", ["base", "policy-v1"], board) is None
-    columns = ratings_from_leaderboard({"ratings": {"base": 1000.0, "policy-v1": 1100.0},
-                                        "lower": {"base": 1000.0, "policy-v1": 1050.0},
-                                        "upper": {"base": 1000.0, "policy-v1": 1150.0}})
-    assert columns["policy-v1"] == Rating(1100.0, 1050.0, 1150.0)
-
-
-def test_maybe_promote_is_off_by_default(settings: Settings, registry: Registry,
-                                         lora_adapters: list[Path]) -> None:
-    register_adapter(settings, registry, lora_adapters[0])
-    board = {"base": {"rating": 1000, "lower": 1000, "upper": 1000},
-             "policy-v1": {"rating": 1200, "lower": 1150, "upper": 1250}}
-    assert settings.auto_promote is False
-    assert maybe_promote(registry, board, settings) is None
-    assert registry.current() == "base"

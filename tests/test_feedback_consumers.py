@@ -16,11 +16,14 @@ import redis
 from sqlalchemy.exc import OperationalError
 
 from arena.settings import Settings
+from deploy.decision import LEARNER_ACTOR
+from deploy.registry import Registry, VersionRecord
 from elo.online_elo import replay
 from elo.ratings_store import APPLIED_KEY, load_fit, load_history, load_online
 from feedback.archive import Archive
 from feedback.consumers import (
     ARCHIVER,
+    LEARNER_LAST_TRIGGER_KEY,
     Archiver,
     LearnerTrigger,
     Ranker,
@@ -40,6 +43,7 @@ from feedback.vote_stream import (
     VOTES_STREAM,
     publish_vote_sync,
 )
+from learner.trigger import IterationLock, set_paused
 
 
 def make_settings(tmp_path: Path, redis_url: str, **overrides: object) -> Settings:
@@ -303,6 +307,53 @@ def test_learner_trigger(client: redis.Redis, tmp_path: Path, redis_url: str) ->
     assert len(calls) == 2 and votes_since_learner_run(client) == 0
 
 
+def test_learner_trigger_counts_votes_while_it_cannot_start(client: redis.Redis, tmp_path: Path,
+                                                           redis_url: str) -> None:
+    """Votes that arrive while an iteration runs, while a learner candidate waits for its
+    decision, or while learning is paused are not lost: they count toward the next
+    iteration, and the count is taken only when one really starts."""
+    settings = make_settings(tmp_path, redis_url, learn_every_votes=50, stream_batch_size=10)
+    config = consumer_config(settings)
+    calls: list[Settings] = []
+    answer: dict[str, object] = {"started": True}
+
+    def trigger(s: Settings) -> dict[str, object]:
+        calls.append(s)
+        return answer
+
+    votes = iter(synthetic_votes(300, seed=21))
+
+    def vote(n: int) -> int:
+        publish(client, [next(votes) for _ in range(n)])
+        drain(LearnerTrigger(client, settings, config, trigger=trigger))
+        return votes_since_learner_run(client)
+
+    # An iteration runs (its lock is held): nothing starts, every vote counts.
+    lock = IterationLock(client, 60)
+    assert lock.acquire("running-task")
+    assert vote(60) == 60 and calls == []
+    lock.release("running-task")
+    # The trigger answers "already running" (another trigger won the lock): nothing taken.
+    answer = {"started": False, "task_id": "other", "message": "already running"}
+    assert vote(10) == 70 and len(calls) == 1
+    # A candidate the learner made waits for the loop's decision: no start, votes count.
+    answer = {"started": True, "task_id": "new"}
+    registry = Registry(client)
+    registry.ensure_base()
+    registry.add(VersionRecord(id="policy-v1", kind="policy", state="candidate", parent="base"),
+                 actor=LEARNER_ACTOR)
+    assert vote(10) == 80 and len(calls) == 1
+    # Decided (rejected by the loop): the next vote starts an iteration and takes the 81.
+    registry.retire("policy-v1", actor="loop")
+    assert vote(1) == 0 and len(calls) == 2
+    assert json.loads(client.get(LEARNER_LAST_TRIGGER_KEY))["votes"] == 81
+    # Paused: votes count, nothing starts; resumed: the next vote starts one.
+    set_paused(client, True)
+    assert vote(55) == 55 and len(calls) == 2
+    set_paused(client, False)
+    assert vote(1) == 0 and len(calls) == 3
+
+
 def test_stream_stats_and_trim(client: redis.Redis, sqlite_archive: Archive, tmp_path: Path,
                                redis_url: str) -> None:
     settings = make_settings(tmp_path, redis_url)
@@ -353,7 +404,7 @@ def test_run_consumers_in_one_process(client: redis.Redis, tmp_path: Path,
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and not (
                 archive.count() == 250 and archive.count_chat_turns() == 5
-                and load_fit(client) is not None and len(triggered) == 2):
+                and getattr(load_fit(client), "n_votes", 0) == 250 and len(triggered) == 2):
             time.sleep(0.1)
     finally:
         stop.set()

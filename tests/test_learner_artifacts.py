@@ -142,3 +142,43 @@ def test_killed_worker_leaves_no_partial_checkpoint_and_resumes(
 
     png = plot_iteration(Path(result["path"]), settings.data_dir / "iteration.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_policy_goes_through_the_adapter_check_and_carries_sanity_figures(
+        learner_settings: Settings, votes_file: Path) -> None:
+    """A policy the servers would refuse (rank above vllm_max_lora_rank) is neither published
+    nor registered, and the run says why; one they accept is registered by the learner with
+    the sanity figures of itself and of its parent (the base, then a policy adapter)."""
+    settings = learner_settings.model_copy(update={"learner_ppo_steps": 2,
+                                                   "vllm_max_lora_rank": 4})
+    registry = registry_for(settings)
+    registry.ensure_base()
+    run_reward_model(settings, "task-rm", votes_file, registry=registry)
+
+    refused = run_policy(settings, "task-refused", registry=registry)
+    assert refused["version"] is None and refused["path"] is None
+    assert refused["refused"]["code"] == "checkpoint_incompatible"
+    assert "rank 8 is above the servers' maximum rank 4" in refused["refused"]["reason"]
+    assert not [r for r in registry.all() if r.kind == "policy"]
+    assert _complete_versions(settings.versions_dir) == ["rm-v1"]
+    assert not (settings.versions_dir / artifacts.WORK_DIR / "task-refused").exists()
+    audit = [json.loads(line) for line in
+             (settings.data_dir / "audit.log").read_text().splitlines()]
+    assert audit[-1]["action"] == "refuse" and audit[-1]["version"] == refused["refused"]["id"]
+
+    settings = settings.model_copy(update={"vllm_max_lora_rank": 16})
+    first = run_policy(settings, "task-first", registry=registry)
+    record = registry.get(first["version"])
+    assert (record.state, record.parent, record.created_by) == ("candidate", "base", "learner")
+    sanity = record.metrics["sanity"]
+    figures = {"answers", "empty_share", "cut_off_share", "repetition", "mean_length"}
+    assert set(sanity) == figures | {"parent"} and set(sanity["parent"]) == figures
+    assert sanity["answers"] == sanity["parent"]["answers"] == 16
+    assert all(0.0 <= sanity[k] <= 1.0 for k in ("empty_share", "cut_off_share", "repetition"))
+    # only the trained adapter is published (the parent's was loaded beside it, then removed)
+    assert not [p for p in Path(first["path"]).iterdir() if p.is_dir()]
+
+    # From that policy: its parent's figures are the ones it had itself (greedy, same prompts).
+    second = run_policy(settings, "task-second", parent=first["version"], registry=registry)
+    parent_figures = registry.get(second["version"]).metrics["sanity"]["parent"]
+    assert parent_figures == {k: v for k, v in sanity.items() if k != "parent"}

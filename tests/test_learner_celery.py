@@ -75,10 +75,12 @@ def test_iterate_through_celery_worker(learner_env: None, settings: Settings, ce
     assert info["policy"]["version"] == "policy-v1"
     assert info["policy"]["parent"] == "base" and info["policy"]["rm_version"] == "rm-v1"
     assert "ppo step 3/3" in log
+    assert f"learner progress (task {first['task_id']}): phase policy step 3/3" in log
 
     registry = registry_for(settings)
     policy = registry.get("policy-v1")
-    assert (policy.kind, policy.state) == ("policy", "candidate")
+    assert (policy.kind, policy.state, policy.created_by) == ("policy", "candidate", "learner")
+    assert policy.metrics["sanity"]["parent"]["answers"] == 16  # the sanity gate's figures
     assert artifacts.verify(Path(policy.path))
     assert registry.get("rm-v1").kind == "reward"
     assert IterationLock.for_settings(settings).holder() is None  # released

@@ -92,7 +92,9 @@ def test_fit_pairs_and_history_round_trip(client: redis.Redis) -> None:
     for _ in range(4):
         save_fit(client, fit, counts, history_limit=3)
     history = load_history(client)
-    assert len(history) == 3 and history[-1] == {"ts": 1234.5, "ratings": fit.ratings}
+    assert len(history) == 3 and history[-1] == {
+        "ts": 1234.5, "ratings": fit.ratings, "lower": fit.lower, "upper": fit.upper,
+        "n_votes": fit.n_votes}
     assert len(load_history(client, limit=2)) == 2
 
 

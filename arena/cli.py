@@ -349,12 +349,18 @@ def simulate(
     timeout_s: float = typer.Option(3600.0, "--timeout-s", help="Bound on the whole run."),
     until_decided: int | None = typer.Option(
         None, "--until-decided", min=1,
-        help="Stop once K policy versions are no longer candidates (still bounded)."),
+        help="Stop once K policy versions were decided (no longer candidates) since the run "
+             "started (still bounded)."),
+    pause_while_learning: bool = typer.Option(
+        False, "--pause-while-learning",
+        help="Start no battle or chat while a learner iteration runs (GET /admin/learner, "
+             "with the operator token): leaves the learner the CPU."),
 ) -> None:
     """Run a simulated crowd against the gateway's public API: chats, battles, judged votes.
     Prints a summary table, and the summary as JSON (with the voted battle ids) on stdout."""
     import json
 
+    from arena.secrets import admin_token
     from crowd.judges import get_judge
     from crowd.prompts import load_prompts
     from crowd.simulate import CrowdPlan
@@ -365,7 +371,9 @@ def simulate(
         plan = CrowdPlan(url=url or settings.gateway_url, voters=voters, battles=battles,
                          chat_share=chat_share, seed=seed, max_tokens=max_tokens,
                          timeout_s=timeout_s, until_decided=until_decided,
-                         request_timeout_s=settings.request_timeout_s)
+                         request_timeout_s=settings.request_timeout_s,
+                         pause_while_learning=pause_while_learning,
+                         admin_token=admin_token(settings) if pause_while_learning else None)
         chosen = get_judge(judge)
         questions = load_prompts(prompts)
     except (ValueError, OSError) as error:  # CrowdError is a ValueError
@@ -381,6 +389,7 @@ def simulate(
                         ("votes refused", refused or "0"), ("chats", summary.chats),
                         ("errors", summary.errors), ("429/503 retries", summary.retries),
                         ("elapsed", elapsed),
+                        ("learner running", f"{summary.learning_s:.1f} s"),
                         ("stopped by", summary.stopped),
                         ("decided policies", ", ".join(summary.decided) or "-")):
         table.add_row(name, str(value))

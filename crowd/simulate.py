@@ -10,9 +10,18 @@ fatal.
 
 Bounded three ways: at most `battles` battles over all voters, `timeout_s` of wall time, and
 a loopback gateway only (a crowd of bots is never pointed at a real service by accident).
-With `until_decided=K` it also stops once GET /v1/models lists K policy versions that are no
-longer candidates (promoted, retired or rejected; a candidate that disappears from the list
-was retired, which counts too).
+With `until_decided=K` it also stops once GET /v1/models has shown K policy versions decided
+since the run started: no longer candidates (promoted, retired or rejected; a candidate that
+disappears from the list was retired, which counts too; a promoted version stays decided when
+a later promotion makes it a candidate again), and not already decided at the first look
+(versions decided before the run do not count). A version registered and retired between two
+looks (DECIDED_POLL_S) is never seen, so never counted.
+
+With `pause_while_learning` the voters start no battle or chat while GET /admin/learner (the
+one operator call, with the admin token) reports a running learner iteration: on a small CPU
+machine the crowd's generations would otherwise take half the learner's cores. One watcher
+polls it every LEARNER_POLL_S; an unusable token stops the crowd ("errors") rather than let it
+vote on unpaused.
 
 The pure parts (the loopback check, choosing an action, the battle budget, the tally, which
 policies are decided, how long to back off) come first; the I/O after them.
@@ -50,6 +59,7 @@ MAX_FAILED_ATTEMPTS = 5  # 503s / refused connections before one request is give
 BACKOFF_S = 0.5  # first back-off after a 503 without Retry-After; doubles each time
 MAX_BACKOFF_S = 30.0  # cap on any wait, Retry-After included
 DECIDED_POLL_S = 3.0  # how often --until-decided looks at /v1/models
+LEARNER_POLL_S = 2.0  # how often --pause-while-learning looks at /admin/learner
 STOP_GRACE_S = 5.0  # after the deadline, requests in flight get this long to finish
 ERROR_SAMPLES = 5  # error messages kept for the summary
 
@@ -167,6 +177,10 @@ class CrowdPlan:
     until_decided: int | None = None
     request_timeout_s: float = 300.0
     max_errors: int = 100  # a crowd facing a broken service stops instead of spinning
+    pause_while_learning: bool = False  # no new battle/chat while a learner iteration runs
+    # Bearer token for GET /admin/learner; None: the operator token `arena` uses
+    # (arena.secrets.admin_token: ARENA_ADMIN_TOKEN, else the one in the data dir).
+    admin_token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         check_loopback(self.url)
@@ -195,6 +209,7 @@ class CrowdSummary:
     decided: list[str]
     accepted_battle_ids: list[str]
     error_samples: list[str]
+    learning_s: float = 0.0  # wall time the crowd saw a learner iteration run (paused or not)
 
     @property
     def votes_per_s(self) -> float:
@@ -219,6 +234,12 @@ class _Crowd:
         self.stop = asyncio.Event()
         self.stopped: StopReason | None = None
         self.decided: set[str] = set()
+        # Clear while a learner iteration runs (pause_while_learning), and until the first
+        # look at the learner: voters wait for it.
+        self.learner_idle = asyncio.Event()
+        if not plan.pause_while_learning:
+            self.learner_idle.set()
+        self.learning_s = 0.0
 
     def finish(self, reason: StopReason) -> None:
         if self.stopped is None:
@@ -273,6 +294,9 @@ class _Crowd:
         judge_rng = random.Random(f"{self.plan.seed}:judge:{index}")
         async with self.client() as http:
             while not self.stop.is_set():
+                if not self.learner_idle.is_set():
+                    await self.wait_learner_idle()
+                    continue
                 prompt = rng.choice(self.prompts)
                 if choose_action(rng, self.plan.chat_share) == "chat":
                     if self.budget.exhausted:
@@ -326,9 +350,54 @@ class _Crowd:
             self.tally.vote(battle_id, vote.status_code)
             self.on_update(self.tally)
 
+    async def wait_learner_idle(self) -> None:
+        """Until no learner iteration runs (or the crowd stops)."""
+        stop, idle = (asyncio.create_task(event.wait()) for event in (self.stop,
+                                                                       self.learner_idle))
+        try:
+            await asyncio.wait({stop, idle}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (stop, idle):
+                task.cancel()
+
+    async def watch_learner(self, token: str) -> None:
+        """Poll GET /admin/learner; hold the voters (learner_idle cleared) while an iteration
+        runs. A failed look keeps the last answer (the first failed one lets them vote); a
+        refused token stops the crowd."""
+        since: float | None = None  # when the running iteration was first seen
+        async with self.client() as http:
+            http.headers["Authorization"] = f"Bearer {token}"
+            while not self.stop.is_set():
+                try:
+                    response = await http.get("/admin/learner")
+                    if response.status_code in (401, 403):
+                        self.error(f"GET /admin/learner: HTTP {response.status_code}: the admin "
+                                   "token was refused; cannot pause while learning")
+                        self.finish("errors")
+                        return
+                    response.raise_for_status()
+                    running = bool(response.json().get("running"))
+                except (httpx.HTTPError, ValueError, AttributeError) as error:
+                    self.error(f"GET /admin/learner: {error!r}")
+                    running = since is not None
+                now = time.monotonic()
+                if running and since is None:
+                    since = now
+                    self.learner_idle.clear()
+                elif not running:
+                    if since is not None:
+                        self.learning_s += now - since
+                        since = None
+                    self.learner_idle.set()
+                await self.pause(LEARNER_POLL_S)
+            if since is not None:
+                self.learning_s += time.monotonic() - since
+
     async def watch_decisions(self, wanted: int) -> None:
-        """Poll /v1/models until `wanted` policy versions are decided, then stop the crowd."""
+        """Poll /v1/models until `wanted` policy versions were decided since the first look,
+        then stop the crowd."""
         ever_candidate: set[str] = set()
+        decided_before: set[str] | None = None  # decided at the first look: not counted
         async with self.client() as http:
             while not self.stop.is_set():
                 try:
@@ -339,7 +408,12 @@ class _Crowd:
                     self.error(f"GET /v1/models: {error!r}")
                 else:
                     ever_candidate |= {v for v, state in listed.items() if state == "candidate"}
-                    self.decided = decided_policies(listed, ever_candidate)
+                    decided = decided_policies(listed, ever_candidate)
+                    if decided_before is None:
+                        decided_before = decided
+                    # Once decided, always: a promoted version goes back to `candidate` when
+                    # the next one is promoted.
+                    self.decided |= decided - decided_before
                     if len(self.decided) >= wanted:
                         self.finish("decided")
                         return
@@ -356,12 +430,18 @@ async def run_crowd(plan: CrowdPlan, judge: Judge, prompts: list[str],
     enough policies are decided; the summary of what it did."""
     if not prompts:
         raise CrowdError("no prompts to ask")
+    token = plan.admin_token
+    if plan.pause_while_learning and token is None:
+        token = default_admin_token()
     crowd = _Crowd(plan, judge, prompts, on_update)
     started = time.monotonic()
+    watchers = []
+    if plan.pause_while_learning:
+        watchers.append(asyncio.create_task(crowd.watch_learner(token or "")))
+    if plan.until_decided:
+        watchers.append(asyncio.create_task(crowd.watch_decisions(plan.until_decided)))
     voters = [asyncio.create_task(crowd.voter(i)) for i in range(plan.voters)]
-    watcher = (asyncio.create_task(crowd.watch_decisions(plan.until_decided))
-               if plan.until_decided else None)
-    waiting = {*voters, *([watcher] if watcher else [])}
+    waiting = {*voters, *watchers}
     deadline = started + plan.timeout_s
     while waiting and not crowd.stop.is_set() and any(not v.done() for v in voters):
         remaining = deadline - time.monotonic()
@@ -375,8 +455,7 @@ async def run_crowd(plan: CrowdPlan, judge: Judge, prompts: list[str],
                 crowd.finish("errors")
                 raise task.exception()
     crowd.finish("battles")  # no-op if a reason was set already
-    _, late = await asyncio.wait([*voters, *([watcher] if watcher else [])],
-                                 timeout=STOP_GRACE_S)
+    _, late = await asyncio.wait([*voters, *watchers], timeout=STOP_GRACE_S)
     for task in late:
         task.cancel()
     await asyncio.gather(*late, return_exceptions=True)
@@ -387,7 +466,15 @@ async def run_crowd(plan: CrowdPlan, judge: Judge, prompts: list[str],
         chats=tally.chats, errors=tally.errors, retries=tally.retries,
         elapsed_s=round(time.monotonic() - started, 3), stopped=crowd.stopped or "battles",
         decided=sorted(crowd.decided), accepted_battle_ids=list(tally.accepted_battle_ids),
-        error_samples=list(tally.error_samples))
+        error_samples=list(tally.error_samples), learning_s=round(crowd.learning_s, 3))
+
+
+def default_admin_token() -> str:
+    """The operator token the `arena` CLI uses (ARENA_ADMIN_TOKEN, else the data dir's)."""
+    from arena.secrets import admin_token
+    from arena.settings import Settings
+
+    return admin_token(Settings())
 
 
 def simulate(plan: CrowdPlan, judge: Judge, prompts: list[str],

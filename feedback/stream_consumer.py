@@ -263,10 +263,9 @@ def trim_acknowledged(
         return 0
     keep_from: str | None = None
     for group in groups:
-        if group["pending"]:
-            needed = _text(client.xpending(stream, group["name"])["min"])
-        else:
-            needed = _text(group["last-delivered-id"])
+        oldest = client.xpending(stream, group["name"])["min"] if group["pending"] else None
+        # None also when the pending entries were acknowledged since XINFO GROUPS.
+        needed = _text(oldest if oldest is not None else group["last-delivered-id"])
         if keep_from is None or _id_key(needed) < _id_key(keep_from):
             keep_from = needed
     if keep_from is None or _id_key(keep_from) == (0, 0):

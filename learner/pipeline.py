@@ -289,7 +289,9 @@ def run_policy(settings: Settings, task_id: str, rm_version: str | None = None,
                      if v.winner in ("a", "b")]
 
     factory = rollout_factory or make_rollout_factory(settings, preset, work, task_id)
-    result = train_policy(settings.base_model_path, preset.ppo, reward_model.score, pool,
+    dense = preset.ppo.dense_reward and reward_model.token_head is not None
+    reward_fn = reward_model.score_tokens if dense else reward_model.score
+    result = train_policy(settings.base_model_path, preset.ppo, reward_fn, pool,
                           factory, parent_adapter=parent_path, progress=progress,
                           checkpoint_dir=work / "checkpoints", ptx_texts=ptx_texts)
 

@@ -6,7 +6,8 @@
     value     V  = a linear head on the policy's own last hidden state (shared trunk), not a
                  separate value model
     reward       r_t = −β·(log π − log π_ref) per token + r_θ(x, y) (normalised RM score) at
-                 the last token
+                 the last token, or spread over the tokens that earned it when the RM has
+                 a token sum (dense_reward; same total per answer)
 
 One PPO step: sample answers (rollout backend) → one no-grad pass each of policy (old
 log-probs, values), reference and reward model → per-token rewards → GAE → a few epochs of
@@ -46,7 +47,8 @@ TRAINER_STATE_FILE = "trainer_state.pt"
 EVAL_SEED = 1234  # the before/after evaluation samples with the same seed
 ADAM_EPS = 1e-5  # CleanRL's PPO
 
-RewardFn = Callable[[PackedBatch], torch.Tensor]  # normalised score per row, (B,)
+# Normalised RM score per row (B,), or per response token (B, T) summing to it (dense).
+RewardFn = Callable[[PackedBatch], torch.Tensor]
 Progress = Callable[[dict[str, Any]], None]
 
 
@@ -137,6 +139,11 @@ def ptx_loss(model: Any, texts: list[list[int]], pad_id: int,
         return model(input_ids=ids, attention_mask=mask, labels=labels).loss.float()
 
 
+def sequence_scores(scores: torch.Tensor) -> torch.Tensor:
+    """The answer's score (B,) from a sparse (B,) or dense (B, T) reward."""
+    return scores.sum(dim=1) if scores.dim() == 2 else scores
+
+
 # --- evaluation --------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate_policy(model: Any, tokenizer: Any, rollout: RolloutBackend, reward_fn: RewardFn,
@@ -150,7 +157,7 @@ def evaluate_policy(model: Any, tokenizer: Any, rollout: RolloutBackend, reward_
     logprobs, _, _ = policy_forward(model, None, batch, preset.temperature, amp=amp)
     ref = reference_logprobs(model, batch, preset.temperature, amp=amp)
     kl = ppo.sequence_kl(logprobs - ref, batch.response_mask.to(logprobs.device))
-    return {"reward": reward_fn(batch).mean().item(), "kl": kl.mean().item(),
+    return {"reward": sequence_scores(reward_fn(batch)).mean().item(), "kl": kl.mean().item(),
             "answer_tokens": batch.response_lengths.float().mean().item()}
 
 
@@ -284,7 +291,12 @@ def train_policy(base_model: Path, preset: PPOPreset, reward_fn: RewardFn, pool:
                 scores = reward_fn(batch).to(device)
                 ended = torch.tensor([r[-1] == eos_id for r in responses], device=device)
                 if preset.missing_eos_penalty is not None:
-                    scores = torch.where(ended, scores, scores - preset.missing_eos_penalty)
+                    penalty = torch.where(ended, 0.0, preset.missing_eos_penalty)
+                    if scores.dim() == 2:  # dense: charged at the last token
+                        last = batch.response_lengths - 1
+                        scores[torch.arange(len(scores), device=device), last] -= penalty
+                    else:
+                        scores = scores - penalty
 
                 # 3. Per-token rewards r_t = −β·kl_t (+ score at the last token), then GAE.
                 rewards, kl = ppo.per_token_rewards(old_logprobs, ref_logprobs, scores, mask,
@@ -347,7 +359,8 @@ def train_policy(base_model: Path, preset: PPOPreset, reward_fn: RewardFn, pool:
             elapsed = time.monotonic() - started
             eta = elapsed / (done - start_step) * (preset.steps - done)
             row = {
-                "step": done, "total": preset.steps, "reward": scores.mean().item(),
+                "step": done, "total": preset.steps,
+                "reward": sequence_scores(scores).mean().item(),
                 "kl": mean_kl, "kl_coef": kl_coef_used,
                 "non_score_reward": (-kl_coef_used * mean_kl),
                 "answer_tokens": batch.response_lengths.float().mean().item(),

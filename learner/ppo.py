@@ -51,11 +51,16 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torc
 # --- rewards -------------------------------------------------------------------------------
 def per_token_rewards(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, scores: torch.Tensor,
                       mask: torch.Tensor, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """r_t = −β·(log π − log π_ref) at every token, plus the RM score at the last token.
+    """r_t = −β·(log π − log π_ref) at every token, plus the RM score: all of it at the last
+    token (`scores` of shape (B,)), or where the RM says each part was earned (`scores` of
+    shape (B, T), summing to the answer's score: a dense reward, same total, less credit to
+    assign).
 
     Returns (rewards, kl), both (B, T) and zero on padding."""
     kl = (logprobs - ref_logprobs) * mask
     rewards = -kl_coef * kl
+    if scores.dim() == 2:
+        return rewards + scores * mask, kl
     last = (mask.sum(dim=1).long() - 1).clamp(min=0)  # index of each answer's last token
     rewards[torch.arange(rewards.shape[0], device=rewards.device), last] += scores
     return rewards, kl

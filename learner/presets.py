@@ -20,6 +20,7 @@ DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down
 @dataclass(frozen=True)
 class RewardPreset:
     lr: float = 1e-4
+    head_lr: float | None = None  # the reward heads' learning rate (None: lr)
     epochs: int = 1
     batch_size: int = 8  # vote pairs per optimiser step (2 × that many sequences)
     lora_rank: int = 16
@@ -32,6 +33,7 @@ class RewardPreset:
     tie_mode: TieMode = "half"  # tie = BT with target ½; "skip" drops ties
     eval_every_steps: int = 0  # held-out evaluation every k steps too (0 = once per epoch)
     max_train_pairs: int | None = None  # train on the newest N pairs only (a time budget)
+    token_sum: bool = True  # add the per-token sum to the last-token readout (reward_model.py)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     precision: Precision = "auto"
@@ -60,6 +62,7 @@ class PPOPreset:
     max_prompt_tokens: int = 256
     temperature: float = 1.0
     missing_eos_penalty: float | None = None  # subtracted from the score of cut-off answers
+    dense_reward: bool = False  # RM score spread over the tokens that earned it (token sum)
     ptx_coef: float = 0.0  # InstructGPT's γ: LM loss on reference texts (0 = off)
     ptx_batch: int = 4
     lora_rank: int = 8
@@ -88,7 +91,7 @@ PRESETS: dict[str, Preset] = {
         name="tiny",
         reward=RewardPreset(lr=3e-3, epochs=2, batch_size=16, lora_rank=8, lora_alpha=16,
                             max_prompt_tokens=96, max_answer_tokens=32, eval_percent=20,
-                            precision="fp32"),
+                            token_sum=False, precision="fp32"),
         ppo=PPOPreset(lr=3e-3, steps=10, rollout_batch=16, minibatch_size=8, ppo_epochs=2,
                       max_new_tokens=16, max_prompt_tokens=96, kl_coef=0.05, kl_target=6.0,
                       lora_rank=8, lora_alpha=16, eval_prompts=32, checkpoint_every=2,

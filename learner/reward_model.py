@@ -1,7 +1,8 @@
 """The reward ("preference") model: base LM trunk + LoRA + a scalar head on the last token of
 the answer, trained on arena votes with the pairwise Bradley–Terry loss.
 
-    r(x, y)  = w · h_last(x, y) + b          h_last: final hidden state at the answer's last token
+    r(x, y)  = w · h_last(x, y) + b  +  Σ_t u · h_t(x, y) / TOKEN_SUM_SCALE
+               h_last: final hidden state at the answer's last token; h_t: at answer token t
     P(a ≻ b) = σ(r(x_a, y_a) − r(x_b, y_b))
     loss     = −[ t·log σ(Δ) + (1 − t)·log σ(−Δ) ],  Δ = r_a − r_b
 
@@ -17,6 +18,13 @@ the two other outcomes:
 
 Votes between two samples of the same version (model_a == model_b, the cold start) are
 ordinary pairs: the comparison is between answers, not versions.
+
+Why the token sum (`RewardPreset.token_sum`): what a crowd prefers is often a count over
+the answer's tokens (a word used less, a noun mentioned more, lists, digits). Read at the
+last token alone, such a count must be gathered by attention before the RM can score it,
+and a few hundred votes do not teach that; the sum gives every token a direct, additive
+say, so a count is one linear direction (u). The last-token term keeps what only the whole
+answer shows. u starts at zero: before training the RM is the plain last-token one.
 
 Details that matter (N implementation details of RLHF): the reward is read at the last real
 answer token (padding found from lengths, position ids from the attention mask, see
@@ -49,6 +57,7 @@ REWARD_HEAD_FILE = "reward_head.safetensors"
 HELD_OUT_BUCKETS = 100  # the held-out split is hash(vote id) mod 100 < eval_percent
 TARGET = {"a": 1.0, "b": 0.0, "tie": 0.5}  # P(a ≻ b) the loss aims at, per outcome
 NORM_EPS = 1e-6
+TOKEN_SUM_SCALE = 32.0  # the token sum counts in units of 32 tokens: O(1) for answers we score
 # Scores of 2 x 256 answers pin the scale to a few per cent; scoring every training answer
 # took as long as a third of the training itself.
 NORM_SAMPLE_PAIRS = 256
@@ -58,13 +67,17 @@ Progress = Callable[[dict[str, Any]], None]
 
 # --- the model ------------------------------------------------------------------------
 class RewardModel(nn.Module):
-    def __init__(self, trunk: nn.Module, hidden_size: int) -> None:
+    def __init__(self, trunk: nn.Module, hidden_size: int, token_sum: bool = True) -> None:
         super().__init__()
         self.trunk = trunk  # decoder without LM head, LoRA inside (peft)
         self.head = nn.Linear(hidden_size, 1)
         # Small init: N(0, 1/√(d+1)) keeps the initial rewards near zero.
         nn.init.normal_(self.head.weight, std=1.0 / math.sqrt(hidden_size + 1))
         nn.init.zeros_(self.head.bias)
+        # u of the token sum (module doc); None = last-token readout only.
+        self.token_head = nn.Linear(hidden_size, 1, bias=False) if token_sum else None
+        if self.token_head is not None:
+            nn.init.zeros_(self.token_head.weight)
         # Normalisation of the scores seen by the policy: (r − mean) / std on training data.
         self.register_buffer("reward_mean", torch.tensor(0.0))
         self.register_buffer("reward_std", torch.tensor(1.0))
@@ -74,20 +87,43 @@ class RewardModel(nn.Module):
     def device(self) -> torch.device:
         return self.head.weight.device
 
-    def forward(self, batch: PackedBatch) -> torch.Tensor:
-        """Raw reward r(x, y) of each row, shape (B,)."""
+    def terms(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The two parts of r(x, y): the last-token term w·h_last + b, (B,), and the token
+        sum's terms u·h_t / TOKEN_SUM_SCALE per answer token, (B, T) (None without it)."""
         batch = batch.to(self.device)
         with autocast(self.amp, self.device):
             hidden = self.trunk(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                 position_ids=batch.position_ids).last_hidden_state
         rows = torch.arange(hidden.shape[0], device=self.device)
-        last = hidden[rows, batch.last_index].float()  # the answer's last real token
-        return self.head(last).squeeze(-1)
+        last = self.head(hidden[rows, batch.last_index].float()).squeeze(-1)  # last real token
+        if self.token_head is None:
+            return last, None
+        per_token = self.token_head(hidden[:, batch.prompt_width:].float()).squeeze(-1)
+        return last, per_token * batch.response_mask / TOKEN_SUM_SCALE
+
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
+        """Raw reward r(x, y) of each row, shape (B,)."""
+        last, tokens = self.terms(batch)
+        return last if tokens is None else last + tokens.sum(-1)
 
     @torch.no_grad()
     def score(self, batch: PackedBatch) -> torch.Tensor:
         """Normalised reward (r − mean) / std: what PPO receives."""
         return (self(batch) - self.reward_mean) / self.reward_std
+
+    @torch.no_grad()
+    def score_tokens(self, batch: PackedBatch) -> torch.Tensor:
+        """The same normalised reward spread over the answer's tokens, (B, T): the token
+        sum's terms where they were earned, the last-token term (and −mean) at the end.
+        Row sums equal `score`; a causal trunk makes token t's term depend on tokens ≤ t
+        only, so it is a reward PPO may credit there."""
+        last, tokens = self.terms(batch)
+        if tokens is None:
+            raise ValueError("this reward model has no token sum: use score()")
+        rows = torch.arange(tokens.shape[0], device=self.device)
+        dense = tokens.clone()
+        dense[rows, batch.response_lengths.to(self.device) - 1] += last - self.reward_mean
+        return dense / self.reward_std
 
 
 def build_reward_model(base_model: Path, preset: RewardPreset) -> tuple[RewardModel, Any]:
@@ -105,7 +141,7 @@ def build_reward_model(base_model: Path, preset: RewardPreset) -> tuple[RewardMo
                       target_modules=list(preset.lora_targets), bias="none",
                       layers_to_transform=top, layers_pattern="layers" if top else None)
     trunk = get_peft_model(trunk, lora)
-    model = RewardModel(trunk, trunk.config.hidden_size)
+    model = RewardModel(trunk, trunk.config.hidden_size, token_sum=preset.token_sum)
     device = pick_device()
     model.to(device).eval()  # dropout off, in training too
     model.amp = amp_dtype(preset.precision, device)
@@ -116,11 +152,13 @@ def save_reward_model(model: RewardModel, folder: Path) -> None:
     from safetensors.torch import save_file
 
     model.trunk.save_pretrained(folder, safe_serialization=True)
-    save_file({"weight": model.head.weight.detach().cpu().contiguous(),
+    tensors = {"weight": model.head.weight.detach().cpu().contiguous(),
                "bias": model.head.bias.detach().cpu().contiguous(),
                "reward_mean": model.reward_mean.reshape(1).cpu(),
-               "reward_std": model.reward_std.reshape(1).cpu()},
-              str(folder / REWARD_HEAD_FILE))
+               "reward_std": model.reward_std.reshape(1).cpu()}
+    if model.token_head is not None:
+        tensors["token_weight"] = model.token_head.weight.detach().cpu().contiguous()
+    save_file(tensors, str(folder / REWARD_HEAD_FILE))
 
 
 def load_reward_model(folder: Path, base_model: Path,
@@ -133,9 +171,11 @@ def load_reward_model(folder: Path, base_model: Path,
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     trunk = PeftModel.from_pretrained(AutoModel.from_pretrained(base_model, dtype=torch.float32),
                                       folder, is_trainable=False)
-    model = RewardModel(trunk, trunk.config.hidden_size)
     head = load_file(str(folder / REWARD_HEAD_FILE))
+    model = RewardModel(trunk, trunk.config.hidden_size, token_sum="token_weight" in head)
     with torch.no_grad():
+        if model.token_head is not None:
+            model.token_head.weight.copy_(head["token_weight"])
         model.head.weight.copy_(head["weight"])
         model.head.bias.copy_(head["bias"])
         model.reward_mean.copy_(head["reward_mean"][0])
@@ -263,8 +303,15 @@ def train_reward_model(votes: list[VoteRecord], base_model: Path, preset: Reward
         raise ValueError(f"no trainable votes among {len(votes)} (both_bad and skipped ties "
                          "carry no ranking)")
 
-    params = [p for p in model.parameters() if p.requires_grad]  # LoRA + head
-    optimizer = torch.optim.AdamW(params, lr=preset.lr, weight_decay=preset.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]  # LoRA + heads
+    # The heads start from (near) zero and are a few hundred weights: at the LoRA's rate
+    # they would barely move in one pass over a few hundred votes.
+    heads = {id(p) for name, p in model.named_parameters() if name.startswith(("head.",
+                                                                              "token_head."))}
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in params if id(p) not in heads], "lr": preset.lr},
+         {"params": [p for p in params if id(p) in heads], "lr": preset.head_lr or preset.lr}],
+        weight_decay=preset.weight_decay)
     steps_per_epoch = math.ceil(len(train) / preset.batch_size)
     total = preset.epochs * steps_per_epoch
     history: list[dict[str, Any]] = []

@@ -60,6 +60,18 @@ def lora_adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
     return [build_lora_adapter(tiny_model_dir, root / f"lora{i}", seed=i) for i in (1, 2)]
 
 
+@pytest.fixture(scope="session")
+def sft_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model after a quick supervised fine-tune (learner.synthetic.sft_tiny_base,
+    ~10 s): it writes short word sequences, a fifth of them with " banana", so a policy
+    trained on it has something to learn (the random tiny model's outputs are too flat)."""
+    from learner.prompt_pool import load_shipped_prompts
+    from learner.synthetic import sft_tiny_base
+
+    return sft_tiny_base(tiny_model_dir, tmp_path_factory.mktemp("sft") / "tiny-sft",
+                         load_shipped_prompts())
+
+
 # --- Redis --------------------------------------------------------------------------------
 class RedisProcess:
     """Our own redis-server with AOF on a free port; restartable for fault-injection tests."""
@@ -184,6 +196,15 @@ def vllm_server(tiny_model_dir: Path,
                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMProcess]:
     """One real vLLM OpenAI server on the tiny model for the whole session (~20-40 s start)."""
     server = VLLMProcess(tiny_model_dir, tmp_path_factory.mktemp("vllm") / "vllm.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def sft_vllm_server(sft_model_dir: Path,
+                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMProcess]:
+    """A second session vLLM server, on the SFT'd tiny base (the loop's integration test)."""
+    server = VLLMProcess(sft_model_dir, tmp_path_factory.mktemp("vllm-sft") / "vllm.log")
     yield server
     server.stop()
 

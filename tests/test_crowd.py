@@ -383,6 +383,78 @@ def test_crowd_until_decided_stops_once_a_candidate_is_promoted(gateway, registr
     assert summary.errors == 0, summary.error_samples
 
 
+def test_until_decided_counts_only_versions_decided_since_the_start(gateway, registry,
+                                                                     two_policies):
+    """policy-v1 is current before the crowd starts: not counted. Promoting policy-v2 makes
+    v1 a candidate again and decides v2: the one counted."""
+    registry.promote("policy-v1", actor="test")
+    promoter = threading.Timer(0.5, registry.promote, args=("policy-v2",),
+                               kwargs={"actor": "test"})
+    promoter.start()
+    try:
+        plan = CrowdPlan(url=gateway.url, voters=1, battles=500, max_tokens=2, chat_share=0.0,
+                         timeout_s=30, until_decided=1)
+        summary = simulate(plan, get_judge("shorter"), load_prompts())
+    finally:
+        promoter.cancel()
+    assert summary.stopped == "decided" and summary.decided == ["policy-v2"]
+
+
+def test_a_promoted_version_stays_decided_when_the_next_is_promoted(gateway, registry,
+                                                                    two_policies):
+    """v1 is promoted, seen current, then demoted to candidate by v2's promotion: both
+    count (the crowd looks at /v1/models every DECIDED_POLL_S = 3 s)."""
+    timers = [threading.Timer(0.5, registry.promote, args=("policy-v1",),
+                              kwargs={"actor": "test"}),
+              threading.Timer(4.5, registry.promote, args=("policy-v2",),
+                              kwargs={"actor": "test"})]
+    for timer in timers:
+        timer.start()
+    try:
+        plan = CrowdPlan(url=gateway.url, voters=1, battles=500, max_tokens=2, chat_share=0.0,
+                         timeout_s=30, until_decided=2)
+        summary = simulate(plan, get_judge("shorter"), load_prompts())
+    finally:
+        for timer in timers:
+            timer.cancel()
+    assert summary.stopped == "decided" and summary.decided == ["policy-v1", "policy-v2"]
+
+
+def test_pause_while_learning_holds_the_voters_while_an_iteration_runs(
+        gateway, gateway_settings: Settings):
+    """The iteration lock is held (GET /admin/learner reports it running) for the first
+    ~3 s: no battle starts before it is released; a refused token stops the crowd."""
+    from learner.trigger import LOCK_KEY
+
+    client = redis.Redis.from_url(gateway_settings.effective_redis_url)
+    client.set(LOCK_KEY, "a-running-iteration")
+    released: list[float] = []
+
+    def release() -> None:
+        released.append(time.time())
+        client.delete(LOCK_KEY)
+
+    timer = threading.Timer(3.0, release)
+    timer.start()
+    try:
+        plan = CrowdPlan(url=gateway.url, voters=2, battles=4, max_tokens=2, chat_share=0.0,
+                         timeout_s=30, pause_while_learning=True,
+                         admin_token="test-admin-token")
+        summary = simulate(plan, get_judge("shorter"), load_prompts())
+    finally:
+        timer.cancel()
+    assert summary.stopped == "battles" and summary.errors == 0, summary.error_samples
+    assert summary.votes_accepted == 4 and summary.learning_s >= 2.0
+    records = [VoteRecord.from_json(fields[b"record"]) for _, fields in client.xrange(VOTES_STREAM)]
+    assert len(records) == 4 and min(r.battle_created_at for r in records) >= released[0]
+
+    refused = simulate(CrowdPlan(url=gateway.url, voters=1, battles=4, max_tokens=2,
+                                 timeout_s=30, pause_while_learning=True, admin_token="wrong"),
+                       get_judge("shorter"), load_prompts())
+    assert refused.stopped == "errors" and refused.battles_created == 0
+    assert "admin token was refused" in refused.error_samples[0]
+
+
 def test_crowd_stops_at_its_timeout(gateway):
     import asyncio
 

@@ -25,6 +25,19 @@ def test_per_token_rewards_kl_everywhere_score_at_last_token() -> None:
     assert torch.allclose(rewards, expected)
 
 
+def test_per_token_rewards_dense_scores_go_where_they_were_earned() -> None:
+    logprobs = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, 0.0]])
+    ref = torch.tensor([[-1.5, -2.0, -2.0], [-0.5, -9.0, -9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    dense = torch.tensor([[0.5, 1.0, 0.5], [-1.0, 7.0, 7.0]])  # row 2's 7s are padding
+    rewards, _ = ppo.per_token_rewards(logprobs, ref, dense, mask, 0.1)
+    expected = torch.tensor([[-0.05 + 0.5, 1.0, 0.1 + 0.5], [0.05 - 1.0, 0.0, 0.0]])
+    assert torch.allclose(rewards, expected)
+    # the same total per answer as the sparse form with the row sums as scores
+    sparse, _ = ppo.per_token_rewards(logprobs, ref, (dense * mask).sum(1), mask, 0.1)
+    assert torch.allclose(rewards.sum(1), sparse.sum(1))
+
+
 def test_gae_matches_hand_computation() -> None:
     gamma, lam = 0.9, 0.8
     rewards = torch.tensor([[1.0, 0.0, 2.0, 5.0]])

@@ -15,6 +15,7 @@ starts from an SFT model, which is also the reference.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -129,6 +130,22 @@ def test_rewards_are_normalised_on_training_answers(reward) -> None:
                                   tok.pad_token_id))
     assert good.item() > 0 > bad.item()  # normalised: the rule splits around the mean
     assert abs(good.item()) < 10 and abs(bad.item()) < 10
+
+
+def test_dense_scores_sum_to_the_score_and_are_causal(votes, tiny_model_dir: Path) -> None:
+    reward = train_reward_model(votes[:64], tiny_model_dir, replace(TINY.reward, epochs=1,
+                                                                    token_sum=True))
+    tok = reward.tokenizer
+    p = encode_prompt(tok, [{"role": "user", "content": "Tell me a joke."}], 96)
+    full = encode_answer(tok, "Here" + MARKER + " you go, a joke about cats.", 32)
+    batch = pack([p, p], [full, full[:4]], tok.pad_token_id)
+    dense = reward.model.score_tokens(batch)
+    assert dense.shape == batch.response_mask.shape
+    assert torch.allclose(dense.sum(1), reward.model.score(batch), atol=1e-4)
+    # token t's term reads tokens <= t only: the prefix's first 3 terms equal the full
+    # answer's (its 4th carries the last-token term as well)
+    assert torch.allclose(dense[1, :3], dense[0, :3], atol=1e-4)
+    assert (dense[1, 4:] == 0).all()  # nothing on padding
 
 
 def test_tie_loss_is_lowest_at_equal_rewards() -> None:

@@ -1,5 +1,6 @@
 """The `arena` command line: start the stack, prepare the model, show settings, run the
-feedback consumers, export the preference data, and the operator commands."""
+feedback consumers, export the preference data, the operator commands, and retention (dead
+letters, gc)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+import redis
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -447,6 +449,113 @@ def evaluate(
         console.print(f"recorded in {record_evaluation(settings, result)}")
     typer.echo(json.dumps(result.to_dict()))
 
+
+# --- retention: dead letters, disk (feedback/dead_letters.py, deploy/gc.py) -----------------
+dead_letters_app = typer.Typer(no_args_is_help=True, help="Stream entries no consumer could "
+                               "process: list them, replay them into their stream.")
+app.add_typer(dead_letters_app, name="dead-letters")
+
+
+def _redis(settings: Settings) -> redis.Redis:
+    return redis.Redis.from_url(settings.effective_redis_url)
+
+
+def _size(n_bytes: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n_bytes < 1024:
+            return f"{n_bytes:.1f} {unit}"
+        n_bytes /= 1024
+    return f"{n_bytes:.1f} GiB"
+
+
+@dead_letters_app.command("list")
+def dead_letters_list(
+    limit: int = typer.Option(50, "--limit", min=1, help="Show the newest N."),
+) -> None:
+    """The newest dead letters: where they came from, which group gave up and why."""
+    from feedback.dead_letters import list_dead_letters
+    from feedback.vote_stream import DEAD_LETTER_STREAM
+
+    client = _redis(_settings())
+    try:
+        letters = list_dead_letters(client, count=limit)
+        total = client.xlen(DEAD_LETTER_STREAM)
+    finally:
+        client.close()
+    table = Table("id", "dead at (UTC)", "stream", "original id", "vote / battle", "group",
+                  "deliveries", "reason", title=f"dead letters ({len(letters)} of {total})")
+    for letter in letters:
+        table.add_row(letter.id, _when(letter.dead_at), letter.stream, letter.first_id,
+                      letter.fields.get("battle_id", "-"), letter.group,
+                      str(letter.deliveries), letter.reason)
+    Console().print(table)
+
+
+@dead_letters_app.command("replay")
+def dead_letters_replay(
+    ids: list[str] = typer.Argument(None, help="Dead-letter ids (from `arena dead-letters list`)."),
+    replay_all: bool = typer.Option(False, "--all", help="Replay every dead letter."),
+) -> None:
+    """Re-queue dead letters into their stream (and delete them): each original entry once;
+    a vote already archived or counted is not counted again. Entries older than
+    stream_replay_window_s, and malformed ones, stay where they are."""
+    from feedback.dead_letters import replay_dead_letters
+
+    if not ids and not replay_all:
+        raise typer.BadParameter("name dead-letter ids, or pass --all", param_hint="IDS")
+    settings = _settings()
+    client = _redis(settings)
+    try:
+        result = replay_dead_letters(client, settings.stream_replay_window_s,
+                                     None if replay_all else ids)
+    finally:
+        client.close()
+    for letter_id, why in result.skipped.items():
+        console.print(f"[yellow]skipped[/] {letter_id}: {why}")
+    console.print(f"[bold green]replayed {len(result.replayed)}[/] (one per original entry), "
+                  f"skipped {len(result.skipped)}")
+
+
+@app.command()
+def gc(
+    delete_retired: bool = typer.Option(
+        False, "--delete-retired", help="Also delete retired versions' weights (kept by default; "
+        "asks first). Manifests stay; a retired parent of a live version stays whole."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask before deleting."),
+) -> None:
+    """Free disk space in the data dir: checkpoint folders of learner tasks that ended, temp
+    folders of dead writers, and on request the weights of retired versions."""
+    from deploy.gc import plan_gc, remove_retired_files
+    from deploy.registry import Registry
+    from learner.artifacts import clean_stale_temp
+    from learner.trigger import remove_finished_work
+
+    settings = _settings()
+    client = _redis(settings)
+    try:
+        work = remove_finished_work(settings, client)
+        temp = clean_stale_temp(settings.versions_dir)
+        console.print(f"removed {len(work)} checkpoint folder(s) of finished tasks, "
+                      f"{len(temp)} stale temp folder(s)")
+        registry = Registry(client, settings.data_dir / "audit.log")
+        plan = plan_gc(registry, settings.versions_dir)
+        table = Table("retired version", "weights", "", title="retired versions' files")
+        for record in plan.removable:
+            table.add_row(record.id, _size(plan.sizes[record.id]),
+                          "delete" if delete_retired else "kept (--delete-retired deletes)")
+        for version, why in plan.kept.items():
+            table.add_row(version, "-", f"kept: {why}")
+        Console().print(table)
+        if not delete_retired or not plan.removable:
+            return
+        if not yes:
+            typer.confirm(f"Delete the weights of {len(plan.removable)} retired version(s), "
+                          f"{_size(plan.total_bytes)}?", abort=True)
+        done = remove_retired_files(registry, plan, actor="arena gc")
+    finally:
+        client.close()
+    console.print(f"[bold green]deleted the weights of {len(done)} retired version(s)[/] "
+                  f"({', '.join(done)})")
 
 if __name__ == "__main__":
     sys.exit(app())

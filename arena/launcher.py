@@ -1,5 +1,6 @@
 """`arena up`: start the whole stack in order, health-check each process, stream their logs,
-and stop everything (whole process groups, no orphans) on Ctrl-C or SIGTERM."""
+restart (with back-off) any process that dies while the rest keeps serving, and stop
+everything (whole process groups, no orphans) on Ctrl-C or SIGTERM."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from pathlib import Path
 import httpx
 import redis
 from rich.console import Console
+from rich.text import Text
 
+from arena.logfiles import RotatingLogFile
 from arena.redis_server import redis_server_command
 from arena.settings import Settings
 from arena.vllm_server import vllm_command
@@ -44,30 +47,42 @@ class ManagedProcess:
     is_ready: Callable[[], bool]
     start_timeout_s: float = 60.0
     proc: subprocess.Popen | None = None
+    started_at: float = 0.0
     tail: deque[str] = field(default_factory=lambda: deque(maxlen=LOG_TAIL_LINES))
+    # Held while (re)starting or stopping, so a restart never races the final stop.
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def start(self, logs_dir: Path, console: Console) -> None:
         logs_dir.mkdir(parents=True, exist_ok=True)
         # A new session = a new process group: stopping it also stops grandchildren
-        # (vLLM's engine core, Celery's pool).
+        # (vLLM's engine core, Celery's pool). Bytes that are not UTF-8 become U+FFFD
+        # instead of ending the log pump.
         self.proc = subprocess.Popen(
             self.argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True, text=True, bufsize=1,
+            stdin=subprocess.DEVNULL, start_new_session=True, encoding="utf-8",
+            errors="replace", bufsize=1,
         )
-        log_file = (logs_dir / f"{self.name}.log").open("a", encoding="utf-8")
-        threading.Thread(target=self._pump, args=(log_file, console), daemon=True).start()
+        self.started_at = time.monotonic()
+        # Rotated by size, so a chatty child cannot fill the disk.
+        log_file = RotatingLogFile(logs_dir / f"{self.name}.log")
+        threading.Thread(target=self._pump, args=(self.proc, log_file, console),
+                         name=f"log-{self.name}", daemon=True).start()
 
-    def _pump(self, log_file, console: Console) -> None:
-        colour = PREFIX_COLOURS.get(self.name, "white")
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
-            line = line.rstrip("\n")
-            self.tail.append(line)
-            log_file.write(line + "\n")
-            log_file.flush()
-            console.print(f"[{colour}]{self.name:>9} |[/] {line}", markup=True, highlight=False,
-                          soft_wrap=True)
-        log_file.close()
+    def _pump(self, proc: subprocess.Popen, log_file: RotatingLogFile,
+              console: Console) -> None:
+        prefix = Text(f"{self.name:>9} |", style=PREFIX_COLOURS.get(self.name, "white"))
+        assert proc.stdout is not None
+        with log_file:
+            for line in proc.stdout:
+                line = line.rstrip("\n")
+                self.tail.append(line)
+                log_file.write(line + "\n")
+                log_file.flush()
+                # A Text is printed as it is: "[/x]" in a child's line is not rich markup. A
+                # terminal gone away must not stop the draining (the child would block).
+                with contextlib.suppress(OSError):
+                    console.print(Text.assemble(prefix, " ", line), highlight=False,
+                                  soft_wrap=True)
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + self.start_timeout_s
@@ -84,6 +99,7 @@ class ManagedProcess:
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
+            self.kill_group()
             return
         try:
             os.killpg(self.proc.pid, signal.SIGTERM)
@@ -94,9 +110,78 @@ class ManagedProcess:
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
-        # Whatever the leader left in its group (e.g. a stuck engine process) goes too.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.kill_group()
+
+    def kill_group(self) -> None:
+        """Kill whatever the leader left in its group (e.g. a stuck or orphaned engine
+        process): the group id stays reserved while any member lives, so this hits only ours."""
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+@dataclass
+class Backoff:
+    """Delay before a restart: doubles with each quick death up to a cap; a process that ran
+    `reset_s` before dying starts over from the first delay."""
+
+    first_s: float
+    max_s: float
+    reset_s: float
+    deaths: int = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Backoff:
+        return cls(settings.restart_backoff_s, settings.restart_backoff_max_s,
+                   settings.restart_backoff_reset_s)
+
+    def next_delay(self, uptime_s: float) -> float:
+        if uptime_s >= self.reset_s:
+            self.deaths = 0
+        delay = min(self.first_s * 2**self.deaths, self.max_s)
+        if delay < self.max_s:  # stop counting at the cap (2**deaths stays small)
+            self.deaths += 1
+        return delay
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"exit code {code}, {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+def supervise(process: ManagedProcess, backoff: Backoff, logs_dir: Path, console: Console,
+              stopping: threading.Event) -> None:
+    """Restart `process` each time it dies, after the back-off, until the stack stops."""
+    while True:
+        assert process.proc is not None
+        code = process.proc.wait()
+        if stopping.is_set():
+            return
+        process.kill_group()
+        uptime = time.monotonic() - process.started_at
+        delay = backoff.next_delay(uptime)
+        console.print(f"[bold red]{process.name} exited[/] ({describe_exit(code)}) after "
+                      f"{uptime:.0f}s; restart in {delay:.1f}s", soft_wrap=True)
+        _print_tail(console, process)
+        if stopping.wait(delay):
+            return
+        with process.lock:
+            if stopping.is_set():
+                return
+            process.start(logs_dir, console)
+        try:
+            process.wait_ready()
+        except StartupError as error:
+            if stopping.is_set():
+                return
+            console.print(f"[bold red]restart failed:[/] {error}", soft_wrap=True)
+            with process.lock:
+                process.stop()
+            continue
+        console.print(f"[bold green]{process.name} restarted[/], ready in "
+                      f"{time.monotonic() - process.started_at:.1f}s", soft_wrap=True)
 
 
 def _http_ok(url: str) -> Callable[[], bool]:
@@ -148,7 +233,8 @@ def plan_processes(settings: Settings) -> list[ManagedProcess]:
     processes.append(ManagedProcess(
         "gateway",
         [python, "-m", "uvicorn", "serve.app:create_app", "--factory", "--host",
-         settings.gateway_host, "--port", str(settings.gateway_port), "--no-access-log"],
+         settings.gateway_host, "--port", str(settings.gateway_port), "--no-access-log",
+         "--no-proxy-headers"],  # the app trusts X-Forwarded-For per ARENA_TRUSTED_PROXIES
         env, _http_ok(f"{settings.gateway_url}/livez"), 60,
     ))
     worker_env = dict(env)
@@ -184,30 +270,33 @@ def run_stack(settings: Settings, console: Console) -> int:
             started.append(process)
             process.wait_ready()
             console.print(f"[bold green]{process.name} ready[/] in {time.monotonic() - t0:.1f}s")
+            # Supervised from now on: a later death restarts it, the others keep serving.
+            threading.Thread(
+                target=supervise, name=f"supervise-{process.name}", daemon=True,
+                args=(process, Backoff.from_settings(settings), settings.logs_dir, console,
+                      stopping),
+            ).start()
         console.print(f"\n[bold green]rlhf-arena is up:[/] {settings.gateway_url}\n"
                       f"  chat UI {settings.gateway_url}/   API {settings.gateway_url}/v1\n"
                       "  Ctrl-C stops everything.\n")
-        while not stopping.wait(0.5):
-            for process in started:
-                if process.proc is not None and process.proc.poll() is not None:
-                    console.print(f"[bold red]{process.name} exited[/] "
-                                  f"(code {process.proc.returncode}); stopping the stack")
-                    _print_tail(console, process)
-                    return 1
+        while not stopping.wait(0.5):  # with a timeout: signal handlers run in between
+            pass
         return 0
     except StartupError as error:
         console.print(f"[bold red]start-up failed:[/] {error}")
         _print_tail(console, started[-1])
         return 1
     finally:
+        stopping.set()  # before any stop: no supervisor restarts what is being stopped
         console.print("[bold]stopping[/] …")
         for process in reversed(started):
-            process.stop()
+            with process.lock:
+                process.stop()
         console.print("[bold]all processes stopped[/]")
 
 
 def _print_tail(console: Console, process: ManagedProcess) -> None:
     console.print(f"[bold]last lines of {process.name}'s log[/] "
                   f"(full log: logs/{process.name}.log):")
-    for line in process.tail:
-        console.print(f"  {line}", markup=False, highlight=False)
+    for line in list(process.tail):
+        console.print(f"  {line}", markup=False, emoji=False, highlight=False)

@@ -1,10 +1,16 @@
 """Operator token and cookie-signing key: taken from the settings, else generated once into
-the data dir (mode 0600) so every process of one deployment agrees on them."""
+the data dir (mode 0600) so every process of one deployment agrees on them.
+
+A secret is never empty: the settings refuse an empty value (arena/settings.py), and a file
+is written whole (temporary file, then rename) so a crash cannot leave an empty one; an empty
+file left by an older version is replaced by a fresh secret."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
+import tempfile
 from pathlib import Path
 
 from arena.settings import Settings
@@ -14,24 +20,43 @@ def _secret_file(settings: Settings, name: str) -> Path:
     return settings.data_dir / "secrets" / name
 
 
+def _read(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        return ""
+
+
+def _write_atomically(path: Path, value: str) -> None:
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(value + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
 def ensure_secret(settings: Settings, name: str) -> tuple[str, bool]:
     """Return (value, created_now) for the secret `name` ("admin_token" or "session_secret")."""
     configured = getattr(settings, name)
     if configured is not None:
         return configured.get_secret_value(), False
     path = _secret_file(settings, name)
-    if path.exists():
-        return path.read_text().strip(), False
+    if value := _read(path):
+        return value, False
     path.parent.mkdir(parents=True, exist_ok=True)
-    value = secrets.token_urlsafe(32)
-    # O_EXCL: if two processes race, one creates and the other reads the winner's value.
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_text().strip(), False
-    with os.fdopen(fd, "w") as f:
-        f.write(value + "\n")
-    return value, True
+    # Processes starting together take turns: the first writes, the others read its value.
+    with (path.parent / ".lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if value := _read(path):
+            return value, False
+        value = secrets.token_urlsafe(32)
+        _write_atomically(path, value)
+        return value, True
 
 
 def admin_token(settings: Settings) -> str:

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, IPvAnyNetwork, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SECRET_FIELDS = ("admin_token", "session_secret")
@@ -37,17 +37,38 @@ class Settings(BaseSettings):
     redis_appendfsync: Literal["always", "everysec", "no"] = Field(
         "always", description="AOF fsync policy of our own Redis (always = no accepted vote lost)."
     )
+    allow_volatile_redis: bool = Field(
+        False, description="Let the gateway start on a Redis that can lose accepted votes (no AOF, an evicting maxmemory-policy, or CONFIG refused)."
+    )
 
     # --- gateway -------------------------------------------------------------------------
     gateway_host: str = Field("127.0.0.1", description="Address the gateway listens on.")
     gateway_port: int = Field(8000, description="Port of the gateway (the URL users open).")
     admin_token: SecretStr | None = Field(
-        None, description="Bearer token for operator actions (generated into the data dir if unset)."
+        None, description="Bearer token for operator actions (generated into the data dir if unset; empty is refused)."
     )
     session_secret: SecretStr | None = Field(
-        None, description="Key that signs the arena_session cookie (generated if unset)."
+        None, description="Key that signs the arena_session cookie (generated if unset; empty is refused)."
     )
-    request_timeout_s: float = Field(300.0, description="Upper bound on one upstream generation.")
+    request_timeout_s: float = Field(
+        300.0, gt=0, description="Longest wait for one read from a model server (a whole answer that is not streamed)."
+    )
+    answer_deadline_s: float = Field(
+        600.0, gt=0, description="Total time one chat answer may take, streamed or not (a client that stops reading is cut off then)."
+    )
+    upstream_max_connections: int = Field(
+        512, ge=1, description="Connections the gateway opens to the model servers, all replicas together."
+    )
+    upstream_pool_timeout_s: float = Field(
+        5.0, gt=0, description="How long a request waits for a free upstream connection before 503."
+    )
+    max_body_bytes: int = Field(
+        1_048_576, ge=1024, description="Largest request body the gateway reads; larger ones get 413."
+    )
+    max_messages: int = Field(256, ge=1, description="Messages one chat request or battle may carry.")
+    max_message_chars: int = Field(
+        32_768, ge=1, description="Characters one message may carry (its text parts joined)."
+    )
 
     # --- serve: battles, rate limits ---------------------------------------------------
     battle_ttl_s: int = Field(24 * 3600, description="How long a battle can be voted on.")
@@ -59,6 +80,9 @@ class Settings(BaseSettings):
     rate_battle_per_ip: int = Field(600, description="Battles/minute/IP (0 = off).")
     rate_vote_per_session: int = Field(120, description="Votes/minute/session (0 = off).")
     rate_vote_per_ip: int = Field(6000, description="Votes/minute/IP (0 = off).")
+    trusted_proxies: list[IPvAnyNetwork] = Field(
+        default_factory=list, description="Proxies (CIDRs, JSON list) whose X-Forwarded-For names the client; from any other peer it is ignored."
+    )
     chats_stream_maxlen: int = Field(1_000_000, description="Chat turns kept in the stream.")
     matchmaker_target_ci_width: float = Field(50.0, description="CI width (rating points) "
                                               "below which a version counts as established.")
@@ -81,6 +105,11 @@ class Settings(BaseSettings):
     vllm_extra_args: list[str] = Field(default_factory=list, description="Extra vLLM arguments (JSON list).")
     vllm_start_timeout_s: float = Field(300.0, description="How long the launcher waits for vLLM to answer.")
 
+    # --- launcher: supervision -------------------------------------------------------------
+    restart_backoff_s: float = Field(1.0, gt=0, description="Delay before the launcher restarts a process that died; doubles with each quick death.")
+    restart_backoff_max_s: float = Field(60.0, gt=0, description="Cap on that delay for a process that keeps dying.")
+    restart_backoff_reset_s: float = Field(120.0, gt=0, description="A process that ran this long before dying is restarted after the first delay again.")
+
     # --- archive -------------------------------------------------------------------------
     archive_url: str | None = Field(
         None, description="SQLAlchemy URL of the preference archive (default SQLite in data dir)."
@@ -96,6 +125,15 @@ class Settings(BaseSettings):
     )
     stream_batch_size: int = Field(100, description="Entries one consumer reads per XREADGROUP.")
     stream_block_ms: int = Field(1000, description="How long an idle XREADGROUP waits.")
+    stream_dead_letter_maxlen: int = Field(
+        10_000, ge=1, description="Dead letters kept (the oldest beyond this are trimmed, approximately)."
+    )
+    stream_replay_window_s: int = Field(
+        7 * 24 * 3600, ge=1, description="`arena dead-letters replay` re-queues only entries younger than this."
+    )
+    stream_dedup_ttl_s: int = Field(
+        8 * 24 * 3600, ge=1, description="How long the ranker and learner trigger remember a vote id they counted (must exceed the replay window)."
+    )
     elo_k: float = Field(4.0, description="Online Elo step per vote.")
     bt_bootstrap_rounds: int = Field(100, description="Bootstrap rounds of the Bradley-Terry CIs.")
     refit_every_s: float = Field(30.0, description="Seconds between Bradley-Terry refits.")
@@ -121,6 +159,9 @@ class Settings(BaseSettings):
     learner_lock_ttl_s: int = Field(
         3 * 3600, description="Expiry of the one-iteration-at-a-time Redis lock (renewed while it runs)."
     )
+    learner_lease_s: int = Field(
+        600, ge=1, description="How long a running iteration may go without renewing its lock before a re-delivery of its task may take over (the old run then stops, never publishing)."
+    )
     learner_user_prompts: int = Field(500, description="Recent user prompts mixed into the PPO pool.")
     learner_ppo_steps: int | None = Field(None, description="Override the preset's PPO steps.")
 
@@ -140,6 +181,28 @@ class Settings(BaseSettings):
     loop_max_battles: int = Field(
         600, ge=1, description="Votes after which a learner candidate that has not qualified is rejected."
     )
+    import_roots: list[Path] = Field(
+        default_factory=list, description="Folders a checkpoint may be registered from (`arena register`, POST /admin/versions), after symlinks are resolved (JSON list); <data dir>/imports and the versions folder always count."
+    )
+
+    @field_validator(*SECRET_FIELDS)
+    @classmethod
+    def _refuse_empty_secret(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        # An empty token would let `Authorization: Bearer ` pass and anyone sign cookies.
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError(f"ARENA_{info.field_name.upper()} is set but empty: unset it to have "
+                             "one generated into the data dir, or give it a value")
+        return value
+
+    @field_validator("stream_dedup_ttl_s")
+    @classmethod
+    def _dedup_outlives_replay(cls, value: int, info: ValidationInfo) -> int:
+        # A replayed vote must find its id still remembered, or it would be counted twice.
+        window = info.data.get("stream_replay_window_s")
+        if window is not None and value <= window:
+            raise ValueError(f"ARENA_STREAM_DEDUP_TTL_S ({value}) must exceed "
+                             f"ARENA_STREAM_REPLAY_WINDOW_S ({window})")
+        return value
 
     def matchmaker_weights(self):  # -> elo.matchmaker.MatchmakerWeights
         from elo.matchmaker import MatchmakerWeights
@@ -162,6 +225,13 @@ class Settings(BaseSettings):
     @property
     def versions_dir(self) -> Path:
         return self.data_dir / "versions"
+
+    @property
+    def allowed_import_roots(self) -> list[Path]:
+        """Where registration may copy from: the versions folder (the learner's own),
+        <data dir>/imports, and `import_roots`; resolved (symlinks followed)."""
+        roots = [self.versions_dir, self.data_dir / "imports", *self.import_roots]
+        return [root.expanduser().resolve() for root in roots]
 
     @property
     def own_redis_url(self) -> str:

@@ -319,7 +319,8 @@ def bench_http_votes(settings: Settings, votes: Sequence[VoteRecord], concurrenc
                 "PYTHONPATH": str(REPO)})
     gateway = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "serve.app:create_app", "--factory", "--port",
-         str(port), "--workers", str(workers), "--log-level", "warning", "--no-access-log"],
+         str(port), "--workers", str(workers), "--log-level", "warning", "--no-access-log",
+         "--no-proxy-headers"],
         env=env, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT,
         start_new_session=True)
     archive = Archive(settings.effective_archive_url)

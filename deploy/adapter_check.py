@@ -25,7 +25,8 @@ PEFT_PREFIX = "base_model.model."
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
-RefusalCode = Literal["checkpoint_missing", "checkpoint_corrupt", "checkpoint_incompatible"]
+RefusalCode = Literal["checkpoint_missing", "checkpoint_corrupt", "checkpoint_incompatible",
+                      "path_not_allowed"]
 
 
 class AdapterRefused(ValueError):

@@ -2,7 +2,8 @@
 
 Every call needs `Authorization: Bearer <admin token>`; errors are in OpenAI's format:
 401 (no or wrong token), 404 (unknown version), 409 (transition not allowed), 400 (refused
-checkpoint), 503 (a replica could not load the version; `current` unchanged).
+checkpoint), 403 (a path outside the import roots, ARENA_IMPORT_ROOTS), 503 (a replica could
+not load the version; `current` unchanged).
 
     GET  /admin/versions                  every version record, and the current one
     GET  /admin/versions/{id}             one record
@@ -88,7 +89,8 @@ def registry_of(request: Request) -> Registry:
 
 
 class RegisterRequest(BaseModel):
-    path: str = Field(min_length=1, description="A peft save_pretrained folder on this host.")
+    path: str = Field(min_length=1, description="A peft save_pretrained folder on this host, "
+                                                "inside an import root (ARENA_IMPORT_ROOTS).")
     kind: Literal["policy", "reward"] = "policy"
     parent: str | None = None
     metrics: dict[str, Any] | None = None
@@ -138,7 +140,8 @@ async def register_version(body: RegisterRequest, request: Request,
                                          body.kind, body.parent, body.metrics)
     except AdapterRefused as error:
         log.warning("refused checkpoint %s (%s): %s", body.path, error.code, error)
-        raise APIError(400, f"Checkpoint {body.path} refused: {error}", error.code,
+        status = 403 if error.code == "path_not_allowed" else 400
+        raise APIError(status, f"Checkpoint {body.path} refused: {error}", error.code,
                        "path") from error
     loaded: list[str] = []
     if staged.kind == "policy":

@@ -255,7 +255,8 @@ def _apply(registry: Registry, decision: Decision) -> None:
     elif decision.action == "reject":
         registry.retire(decision.version, actor=LOOP_ACTOR, reason=decision.reason)
     else:
-        registry.rollback(actor=LOOP_ACTOR, reason=f"{decision.version}: {decision.reason}")
+        registry.rollback(actor=LOOP_ACTOR, reason=f"{decision.version}: {decision.reason}",
+                          expected_current=decision.version)
 
 
 def _text(value: bytes | str) -> str:

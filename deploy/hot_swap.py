@@ -137,11 +137,15 @@ async def promote(pool: ReplicaPool, registry: Registry, version: str,
 
 
 async def rollback(pool: ReplicaPool, registry: Registry, actor: str) -> SwapResult:
-    """Make the previous current version current again (loaded everywhere first)."""
+    """Make the previous current version current again (loaded everywhere first). The flip
+    checks that `current` and the target are still what was loaded (409 if a promote or
+    rollback came in between)."""
     started = time.perf_counter()
+    current = await asyncio.to_thread(registry.current)
     target = await asyncio.to_thread(registry.rollback_target)
     loaded = await load_everywhere(pool, await asyncio.to_thread(registry.get, target))
-    old, new = await asyncio.to_thread(registry.rollback, actor)
+    old, new = await asyncio.to_thread(registry.rollback, actor, expected_current=current,
+                                       expected_target=target)
     return SwapResult("rollback", new,
                       before={"current": old, "states": {new: "candidate", old: "current"}},
                       after={"current": new, "states": {new: "current", old: "candidate"}},

@@ -3,7 +3,8 @@
 Keys:
   arena:versions          hash  id -> JSON record
   arena:current           string, the id the `current` alias resolves to
-  arena:current:previous  list, earlier currents (head = most recent) for rollback
+  arena:current:previous  list, earlier currents (head = most recent) for rollback: each id
+                          once, retired ones dropped, at most PREVIOUS_LIMIT
   arena:versions:seq      counter for policy-vN / rm-vN ids
 
 Every change runs in one Redis transaction (WATCH/MULTI) so concurrent gateways and the
@@ -20,11 +21,13 @@ from typing import Any, Literal
 
 import redis
 
+from arena.text import as_str
 from deploy.states import State, TransitionError, check_promote, check_retire
 
 VERSIONS_KEY = "arena:versions"
 CURRENT_KEY = "arena:current"
 PREVIOUS_KEY = "arena:current:previous"
+PREVIOUS_LIMIT = 100  # rollback steps remembered
 SEQ_KEY = "arena:versions:seq:{kind}"
 BASE = "base"
 CURRENT_ALIAS = "current"
@@ -87,8 +90,7 @@ class Registry:
         ]
 
     def current(self) -> str:
-        value = self.redis.get(CURRENT_KEY)
-        return value.decode() if isinstance(value, bytes) else (value or BASE)
+        return as_str(self.redis.get(CURRENT_KEY)) or BASE
 
     def resolve(self, name: str) -> VersionRecord:
         """Map a requested model name (a version id or the alias `current`) to its record."""
@@ -127,14 +129,16 @@ class Registry:
             if record.kind == "reward":
                 raise TransitionError(f"{version} is a reward model, not a policy")
             check_promote(version, record.state)
-            old_id = (pipe.get(CURRENT_KEY) or BASE.encode()).decode()
+            old_id = as_str(pipe.get(CURRENT_KEY)) or BASE
             old = self._get_in(pipe, old_id)
             record.state, record.promoted_by, record.promoted_at = "current", actor, time.time()
             old.state = "candidate"
             pipe.multi()
             pipe.hset(VERSIONS_KEY, mapping={old.id: old.to_json(), record.id: record.to_json()})
             pipe.set(CURRENT_KEY, record.id)
+            pipe.lrem(PREVIOUS_KEY, 0, old.id)  # its older place: the newest one counts
             pipe.lpush(PREVIOUS_KEY, old.id)
+            pipe.ltrim(PREVIOUS_KEY, 0, PREVIOUS_LIMIT - 1)
             return old.id, record.id
 
         old, new = self.redis.transaction(
@@ -146,22 +150,44 @@ class Registry:
 
     def rollback_target(self) -> str:
         """The most recent earlier current that is still live."""
-        for raw in self.redis.lrange(PREVIOUS_KEY, 0, -1):
-            candidate = raw.decode()
-            try:
-                if self.get(candidate).state == "candidate":
-                    return candidate
-            except UnknownVersion:
-                continue
-        raise TransitionError("nothing to roll back to: no earlier current version is live")
+        return self._rollback_target_in(self.redis)
 
-    def rollback(self, actor: str, reason: str | None = None) -> tuple[str, str]:
-        target = self.rollback_target()
-        old, new = self.promote(target, actor, reason=reason)
-        # The rollback itself pushed `old` onto the history; drop the entry we returned to
-        # so a second rollback goes one further back instead of flip-flopping.
-        self.redis.lrem(PREVIOUS_KEY, 1, new)
-        self.redis.lrem(PREVIOUS_KEY, 1, old)
+    def rollback(self, actor: str, reason: str | None = None, *,
+                 expected_current: str | None = None,
+                 expected_target: str | None = None) -> tuple[str, str]:
+        """Make the most recent live earlier current version current again; the old current
+        becomes a candidate. One transaction: the target is read, checked and flipped to
+        under WATCH, so a concurrent promote or rollback cannot interleave. With
+        `expected_current` / `expected_target` (what the caller saw, and loaded into the
+        replicas, before) a change meanwhile raises TransitionError and changes nothing."""
+
+        def change(pipe: redis.client.Pipeline) -> tuple[str, str]:
+            old_id = as_str(pipe.get(CURRENT_KEY)) or BASE
+            if expected_current is not None and old_id != expected_current:
+                raise TransitionError(f"current changed meanwhile ({expected_current} -> "
+                                      f"{old_id}); nothing was rolled back")
+            target = self._rollback_target_in(pipe)
+            if expected_target is not None and target != expected_target:
+                raise TransitionError(f"the rollback target changed meanwhile "
+                                      f"({expected_target} -> {target}); nothing was rolled back")
+            record, old = self._get_in(pipe, target), self._get_in(pipe, old_id)
+            check_promote(target, record.state)
+            record.state, record.promoted_by, record.promoted_at = "current", actor, time.time()
+            old.state = "candidate"
+            pipe.multi()
+            pipe.hset(VERSIONS_KEY, mapping={old.id: old.to_json(), record.id: record.to_json()})
+            pipe.set(CURRENT_KEY, record.id)
+            # Neither is an earlier current now: a second rollback goes one further back
+            # instead of flip-flopping.
+            pipe.lrem(PREVIOUS_KEY, 0, record.id)
+            pipe.lrem(PREVIOUS_KEY, 0, old.id)
+            return old.id, record.id
+
+        old, new = self.redis.transaction(
+            change, VERSIONS_KEY, CURRENT_KEY, PREVIOUS_KEY, value_from_callable=True
+        )
+        self.audit("promote", new, actor=actor, before=f"current={old}", after=f"current={new}",
+                   reason=reason)
         self.audit("rollback", new, actor=actor, before=f"current={old}", after=f"current={new}",
                    reason=reason)
         return old, new
@@ -175,6 +201,7 @@ class Registry:
             record.state = "retired"
             pipe.multi()
             pipe.hset(VERSIONS_KEY, version, record.to_json())
+            pipe.lrem(PREVIOUS_KEY, 0, version)  # a retired version is no rollback target
             return before, record.state
 
         before, after = self.redis.transaction(change, VERSIONS_KEY, value_from_callable=True)
@@ -182,8 +209,19 @@ class Registry:
         return before, after
 
     # --- helpers ---------------------------------------------------------------------------
+    @classmethod
+    def _rollback_target_in(cls, pipe: redis.Redis | redis.client.Pipeline) -> str:
+        for raw in pipe.lrange(PREVIOUS_KEY, 0, -1):
+            candidate = as_str(raw)
+            try:
+                if cls._get_in(pipe, candidate).state == "candidate":
+                    return candidate
+            except UnknownVersion:
+                continue
+        raise TransitionError("nothing to roll back to: no earlier current version is live")
+
     @staticmethod
-    def _get_in(pipe: redis.client.Pipeline, version: str) -> VersionRecord:
+    def _get_in(pipe: redis.Redis | redis.client.Pipeline, version: str) -> VersionRecord:
         raw = pipe.hget(VERSIONS_KEY, version)
         if raw is None:
             raise UnknownVersion(version)

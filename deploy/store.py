@@ -50,7 +50,7 @@ def stage(settings: Settings, registry: Registry, src_dir: Path | str,
           kind: Literal["policy", "reward"] = "policy", parent: str | None = None,
           metrics: dict[str, Any] | None = None) -> StagedVersion:
     """Copy `src_dir` into the store under a new id, checked; raise AdapterRefused if not."""
-    src = Path(src_dir).expanduser().resolve()
+    src = allowed_source(settings, src_dir)
     if not src.is_dir():
         raise AdapterRefused("the path is not a folder on this host", "checkpoint_missing")
     try:
@@ -72,6 +72,19 @@ def stage(settings: Settings, registry: Registry, src_dir: Path | str,
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return StagedVersion(id=version, kind=kind, path=final, manifest=manifest)
+
+
+def allowed_source(settings: Settings, src_dir: Path | str) -> Path:
+    """`src_dir` with symlinks resolved, if that lies in an allowed import root
+    (`settings.allowed_import_roots`); else AdapterRefused("path_not_allowed"). Checked
+    before anything else, so a refused path says nothing about what is there."""
+    src = Path(src_dir).expanduser().resolve()
+    if not any(src.is_relative_to(root) for root in settings.allowed_import_roots):
+        roots = ", ".join(str(root) for root in settings.allowed_import_roots)
+        raise AdapterRefused(f"the path resolves to {src}, outside the import roots ({roots}); "
+                             "copy the checkpoint into one, or add its folder to "
+                             "ARENA_IMPORT_ROOTS", "path_not_allowed")
+    return src
 
 
 def commit(registry: Registry, staged: StagedVersion, actor: str) -> VersionRecord:
@@ -115,6 +128,9 @@ def _copy(src: Path, dst: Path, names: list[str]) -> None:
         if not source.is_file():
             raise AdapterRefused(f"{name} is listed in the manifest but missing",
                                  "checkpoint_missing")
+        if not source.resolve().is_relative_to(src):  # a symlink (or ..) out of the folder
+            raise AdapterRefused(f"{name} resolves to {source.resolve()}, outside the "
+                                 "checkpoint folder", "path_not_allowed")
         target = dst / name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, target)

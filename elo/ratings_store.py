@@ -3,7 +3,9 @@
 Keys (all JSON is UTF-8 text):
 
     arena:ratings:online           hash   model -> online Elo rating (the live trend)
-    arena:ratings:online:applied   set    vote ids already applied to the online ratings
+    arena:ratings:online:applied   zset   vote ids applied to the online ratings, scored by
+                                          when; the consumers forget those older than the
+                                          dedup window (feedback/consumers.py housekeeping)
     arena:ratings:fit              string the latest Bradley-Terry fit (`BTFit`): board of record
     arena:ratings:pairs            string the pair counts that fit used (`PairCounts` as JSON)
     arena:ratings:history          list   one {"ts", "ratings", "lower", "upper", "n_votes"}
@@ -25,6 +27,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import redis
 
+from arena.text import as_str
 from elo.bradley_terry import BootstrapResult, PairCounts
 from elo.online_elo import DEFAULT_K, INITIAL_RATING, update
 from elo.outcomes import Outcome
@@ -126,12 +129,8 @@ def pair_counts_from_json(raw: str | bytes) -> PairCounts:
     )
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def _decode_hash(raw: dict[Any, Any]) -> dict[str, float]:
-    return {_text(model): float(rating) for model, rating in raw.items()}
+    return {as_str(model): float(rating) for model, rating in raw.items()}
 
 
 # --- online Elo ----------------------------------------------------------------------------
@@ -147,16 +146,19 @@ def apply_online_votes(
 ) -> int:
     """Apply each vote not applied before, in order, to the online ratings; returns how many
     were new. The ratings and the applied-set change in one MULTI under WATCH, so a vote
-    delivered twice, or seen by two rankers at once, moves the ratings exactly once.
-    Self-pairs count as applied but move nothing (see `elo.online_elo.update`)."""
+    delivered twice, or seen by two rankers at once, moves the ratings exactly once (as long
+    as its id is remembered). Self-pairs count as applied but move nothing
+    (see `elo.online_elo.update`)."""
     if not votes:
         return 0
+    applied_at = time.time()  # the score by which the consumers forget an id
     ids = list(dict.fromkeys(vote.vote_id for vote in votes))
     for _attempt in range(WATCH_RETRIES):
         with client.pipeline(transaction=True) as pipe:
             try:
                 pipe.watch(ONLINE_KEY, APPLIED_KEY)
-                seen = dict(zip(ids, pipe.smismember(APPLIED_KEY, ids), strict=True))
+                seen = {vote_id: score is not None for vote_id, score
+                        in zip(ids, pipe.zmscore(APPLIED_KEY, ids), strict=True)}
                 ratings = _decode_hash(pipe.hgetall(ONLINE_KEY))
                 new_ids: list[str] = []
                 for vote in votes:
@@ -171,7 +173,7 @@ def apply_online_votes(
                 pipe.multi()
                 if ratings:
                     pipe.hset(ONLINE_KEY, mapping=ratings)
-                pipe.sadd(APPLIED_KEY, *new_ids)
+                pipe.zadd(APPLIED_KEY, dict.fromkeys(new_ids, applied_at))
                 pipe.execute()
                 return len(new_ids)
             except redis.WatchError:

@@ -4,6 +4,7 @@
     vote_stream      stream names and the producer (XADD)
     stream_consumer  one consumer-group member: read, process, XACK, re-claim, dead-letter
     consumers        archiver, ranker, learner trigger, chat archiver; run_consumers()
+    dead_letters     entries no group could process: list, replay (`arena dead-letters`)
     refit            the periodic Bradley-Terry refit from the archive's pair counts
     archive          SQLAlchemy Core tables on SQLite / PostgreSQL, insert-or-ignore
     stats            stream and archive figures for /healthz and /metrics

@@ -14,6 +14,11 @@
 
 `run_consumers(settings)` runs them in one process, a thread each, until SIGTERM or SIGINT
 (`arena consumers`). `python -m feedback.consumers archiver ranker` runs a subset.
+
+What they keep in Redis is bounded (`housekeeping`): the vote stream is trimmed to what
+every group acknowledged (the archive has it), dead letters are capped, and the ids the
+ranker and the learner trigger counted are forgotten after `stream_dedup_ttl_s`, longer
+than a dead letter can be replayed (`stream_replay_window_s`), so a vote still counts once.
 """
 
 from __future__ import annotations
@@ -37,8 +42,9 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from arena.settings import Settings
 from deploy.decision import apply_decisions
 from deploy.registry import Registry
-from elo.ratings_store import OnlineVote, apply_online_votes
+from elo.ratings_store import APPLIED_KEY, OnlineVote, apply_online_votes
 from feedback.archive import Archive, ChatTurn
+from feedback.dead_letters import REPLAY_OF_FIELD
 from feedback.refit import refit_ratings
 from feedback.stream_consumer import (
     REDIS_TRANSIENT_ERRORS,
@@ -64,7 +70,7 @@ ARCHIVER, RANKER, LEARNER_TRIGGER, CHAT_ARCHIVER = (
     "archiver", "ranker", "learner-trigger", "chat-archiver")
 ALL_CONSUMERS = (ARCHIVER, RANKER, LEARNER_TRIGGER, CHAT_ARCHIVER)
 
-LEARNER_COUNTED_KEY = "arena:learner:counted"  # every vote id the trigger has counted
+LEARNER_COUNTED_KEY = "arena:learner:counted"  # zset: vote ids counted, scored by when
 LEARNER_LAST_TRIGGER_KEY = "arena:learner:last_trigger"
 TRIGGER_FUNCTION = ("learner.trigger", "start_iteration")
 GATE_FUNCTION = ("learner.trigger", "why_not_start")
@@ -77,7 +83,24 @@ def consumer_config(settings: Settings) -> ConsumerConfig:
     return ConsumerConfig(
         batch_size=settings.stream_batch_size, block_ms=settings.stream_block_ms,
         claim_idle_ms=settings.stream_claim_idle_ms, max_deliveries=settings.stream_max_deliveries,
+        dead_letter_maxlen=settings.stream_dead_letter_maxlen,
     )
+
+
+# Older versions kept the counted ids in a plain set, forever: turn one into the sorted set,
+# every id scored ARGV[1] (now), so it is forgotten one dedup window later. (ZUNIONSTORE
+# reads a set member as score 1; the weight scales it.)
+_UPGRADE_SET = """
+if redis.call('TYPE', KEYS[1]).ok == 'set' then
+  return redis.call('ZUNIONSTORE', KEYS[1], 1, KEYS[1], 'WEIGHTS', ARGV[1])
+end
+return 0
+"""
+
+
+def upgrade_seen_set(client: redis.Redis, key: str) -> int:
+    """Convert a legacy set of seen ids at `key` to the scored one; returns ids converted."""
+    return int(client.eval(_UPGRADE_SET, 1, key, repr(time.time())))
 
 
 def consumer_name(group: str) -> str:
@@ -118,6 +141,10 @@ class Ranker(VoteConsumer):
         super().__init__(client, RANKER, config, name)
         self.k = k
 
+    def ensure_group(self) -> None:
+        super().ensure_group()
+        upgrade_seen_set(self.client, APPLIED_KEY)
+
     def process(self, entry_ids: Sequence[str], items: Sequence[VoteRecord]) -> None:
         votes = [OnlineVote(r.vote_id, r.model_a, r.model_b, r.winner) for r in items]
         apply_online_votes(self.client, votes, k=self.k)
@@ -125,10 +152,11 @@ class Ranker(VoteConsumer):
 
 Trigger = Callable[[Settings], Any]
 
-# Count each vote id once ever (KEYS[1]: the ids counted, KEYS[2]: votes since the last run).
+# Count each vote id once (KEYS[1]: the ids counted, a zset scored by when, forgotten after
+# the dedup window; KEYS[2]: votes since the last run; ARGV[1]: now, ARGV[2..]: the ids).
 _COUNT_NEW = """
 local new = 0
-for _, id in ipairs(ARGV) do new = new + redis.call('SADD', KEYS[1], id) end
+for i = 2, #ARGV do new = new + redis.call('ZADD', KEYS[1], 'NX', ARGV[1], ARGV[i]) end
 if new > 0 then return redis.call('INCRBY', KEYS[2], new) end
 return tonumber(redis.call('GET', KEYS[2]) or '0')
 """
@@ -169,9 +197,14 @@ class LearnerTrigger(VoteConsumer):
         self._warned_missing = False
         self._blocked: str | None = None
 
+    def ensure_group(self) -> None:
+        super().ensure_group()
+        upgrade_seen_set(self.client, LEARNER_COUNTED_KEY)
+
     def process(self, entry_ids: Sequence[str], items: Sequence[VoteRecord]) -> None:
         waiting = int(self._count_new(keys=[LEARNER_COUNTED_KEY, LEARNER_VOTES_KEY],
-                                      args=[record.vote_id for record in items]))
+                                      args=[repr(time.time()),
+                                            *(record.vote_id for record in items)]))
         if waiting < self.settings.learn_every_votes:
             return
         trigger = self.trigger or self._find_trigger()
@@ -226,7 +259,8 @@ def reset_learner_count(client: redis.Redis) -> None:
 # --- chats ---------------------------------------------------------------------------------
 class ChatArchiver(StreamConsumer[ChatTurn]):
     """Chat turns as the gateway adds them (session, model, ts, messages as JSON); the
-    stream entry id is the turn id, so a redelivered turn is stored once."""
+    stream entry id is the turn id (a replayed turn keeps its first id), so a redelivered
+    or replayed turn is stored once."""
 
     transient_errors = REDIS_TRANSIENT_ERRORS + DB_TRANSIENT_ERRORS
 
@@ -239,7 +273,8 @@ class ChatArchiver(StreamConsumer[ChatTurn]):
     def parse(self, entry: Entry) -> ChatTurn:
         try:
             messages = json.loads(entry.fields["messages"])
-            turn = ChatTurn(turn_id=entry.entry_id, session=entry.fields["session"],
+            turn = ChatTurn(turn_id=entry.fields.get(REPLAY_OF_FIELD, entry.entry_id),
+                            session=entry.fields["session"],
                             model=entry.fields["model"], messages=messages,
                             created_at=float(entry.fields["ts"]))
         except (KeyError, TypeError, ValueError) as error:
@@ -354,17 +389,23 @@ def _periodic_loop(settings: Settings, client: redis.Redis, archive: Archive, re
                 apply_decisions(client, registry, settings)
             if now >= next_housekeeping:
                 next_housekeeping = now + HOUSEKEEPING_EVERY_S
-                housekeeping(client, archive)
+                housekeeping(client, archive, settings)
         except REDIS_TRANSIENT_ERRORS + DB_TRANSIENT_ERRORS as error:
             log.warning("periodic: %s: %s", type(error).__name__, error)
         except Exception:
             log.exception("periodic task failed")
 
 
-def housekeeping(client: redis.Redis, archive: Archive) -> None:
-    """Trim vote entries every group has acknowledged (they are in the archive), forget
-    consumers of dead processes, publish the archive's row count for the gateway."""
+def housekeeping(client: redis.Redis, archive: Archive, settings: Settings) -> None:
+    """Trim stream entries every group has acknowledged (they are in the archive), forget
+    the vote ids counted longer ago than the dedup window and the consumers of dead
+    processes, publish the archive's row count for the gateway."""
     trim_acknowledged(client, VOTES_STREAM, required_groups=(ARCHIVER,))
+    trim_acknowledged(client, CHATS_STREAM, required_groups=(CHAT_ARCHIVER,))
+    forget_before = time.time() - settings.stream_dedup_ttl_s
+    for key in (APPLIED_KEY, LEARNER_COUNTED_KEY):
+        upgrade_seen_set(client, key)
+        client.zremrangebyscore(key, "-inf", f"({forget_before!r}")
     for stream in (VOTES_STREAM, CHATS_STREAM):
         prune_idle_consumers(client, stream)
     client.set(ARCHIVED_COUNT_KEY, archive.count())

@@ -13,7 +13,8 @@ The guarantees, for every entry of the stream:
   consumer). A failing entry never blocks the others: a failed batch is retried one entry at
   a time.
 - Dead-lettering is one MULTI: XADD to the dead-letter stream (original id, fields, reason)
-  and XACK. Nothing is dropped silently.
+  and XACK. Nothing is dropped silently; the dead-letter stream keeps the newest
+  `dead_letter_maxlen` (`arena dead-letters list|replay`, feedback/dead_letters.py).
 - A transient error (Redis or the database unreachable) is not the entry's fault: the batch
   stays pending, its delivery count is given back (XCLAIM RETRYCOUNT), and the error goes up
   to the caller's loop, which backs off.
@@ -31,6 +32,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 import redis
 
+from arena.text import as_str
 from feedback.vote_record import MalformedVote
 from feedback.vote_stream import DEAD_LETTER_STREAM
 
@@ -62,14 +64,11 @@ class ConsumerConfig:
     claim_idle_ms: int = 30_000
     max_deliveries: int = 5
     dead_letter_stream: str = DEAD_LETTER_STREAM
-
-
-def _text(value: Any) -> str:
-    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+    dead_letter_maxlen: int = 10_000
 
 
 def _decode_fields(raw: dict[Any, Any]) -> dict[str, str]:
-    return {_text(key): _text(value) for key, value in raw.items()}
+    return {as_str(key): as_str(value) for key, value in raw.items()}
 
 
 class StreamConsumer(ABC, Generic[T]):
@@ -168,7 +167,7 @@ class StreamConsumer(ABC, Generic[T]):
         if not reply:
             return []
         _stream, messages = reply[0]
-        return [Entry(_text(entry_id), _decode_fields(fields), 1)
+        return [Entry(as_str(entry_id), _decode_fields(fields), 1)
                 for entry_id, fields in messages if fields is not None]
 
     def _claim_stale(self) -> list[Entry]:
@@ -184,10 +183,10 @@ class StreamConsumer(ABC, Generic[T]):
                 raise
             self.ensure_group()
             return []
-        self._claim_cursor = _text(next_cursor)
+        self._claim_cursor = as_str(next_cursor)
         if self._claim_cursor == "0-0":  # a full pass over the pending list is done
             self._next_claim_at = time.monotonic() + self.config.claim_idle_ms / 2000
-        live = [(_text(entry_id), fields) for entry_id, fields in claimed if fields is not None]
+        live = [(as_str(entry_id), fields) for entry_id, fields in claimed if fields is not None]
         if not live:
             return []
         with self.client.pipeline(transaction=False) as pipe:
@@ -234,7 +233,7 @@ class StreamConsumer(ABC, Generic[T]):
                 "original_id": entry.entry_id, "stream": self.stream, "group": self.group,
                 "consumer": self.name, "reason": reason, "deliveries": entry.deliveries,
                 "dead_at": time.time(), "fields": json.dumps(entry.fields, ensure_ascii=False),
-            })
+            }, maxlen=self.config.dead_letter_maxlen, approximate=True)
             pipe.xack(self.stream, self.group, entry.entry_id)
             pipe.execute()
         log.error("%s: entry %s dead-lettered to %s: %s", self.group, entry.entry_id,
@@ -259,13 +258,13 @@ def trim_acknowledged(
         groups = client.xinfo_groups(stream)
     except redis.ResponseError:
         return 0  # no such stream
-    if not groups or not set(required_groups) <= {_text(group["name"]) for group in groups}:
+    if not groups or not set(required_groups) <= {as_str(group["name"]) for group in groups}:
         return 0
     keep_from: str | None = None
     for group in groups:
         oldest = client.xpending(stream, group["name"])["min"] if group["pending"] else None
         # None also when the pending entries were acknowledged since XINFO GROUPS.
-        needed = _text(oldest if oldest is not None else group["last-delivered-id"])
+        needed = as_str(oldest if oldest is not None else group["last-delivered-id"])
         if keep_from is None or _id_key(needed) < _id_key(keep_from):
             keep_from = needed
     if keep_from is None or _id_key(keep_from) == (0, 0):

@@ -13,6 +13,7 @@ import redis
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
+from arena.text import as_str
 from feedback.vote_record import VoteRecord, Winner
 
 VOTES_STREAM = "arena:votes"
@@ -30,13 +31,13 @@ async def publish_vote(client: aioredis.Redis, record: VoteRecord) -> str:
     entry_id = await client.xadd(
         VOTES_STREAM, {RECORD_FIELD: record.to_json(), "battle_id": record.battle_id}
     )
-    return _text(entry_id)
+    return as_str(entry_id)
 
 
 def publish_vote_sync(client: redis.Redis, record: VoteRecord) -> str:
     entry_id = client.xadd(VOTES_STREAM, {RECORD_FIELD: record.to_json(),
                                           "battle_id": record.battle_id})
-    return _text(entry_id)
+    return as_str(entry_id)
 
 
 # The whole vote, checked and appended in one atomic script: one round-trip, one AOF fsync,
@@ -154,12 +155,8 @@ class VoteAcceptor:
 def _outcome(reply: list) -> VoteOutcome:
     status = int(reply[0])
     if status == 200:
-        entry_id, model_a, model_b = (_text(v) for v in reply[1:4])
+        entry_id, model_a, model_b = (as_str(v) for v in reply[1:4])
         return VoteOutcome(200, entry_id, model_a, model_b)
     if status == 429:
         return VoteOutcome(429, limited_by="session" if int(reply[1]) == 1 else "ip")
     return VoteOutcome(status)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

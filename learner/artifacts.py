@@ -17,7 +17,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -125,6 +125,35 @@ def clean_stale_temp(versions_dir: Path) -> list[Path]:
             continue  # still being written by a live process
         shutil.rmtree(p, ignore_errors=True)
         removed.append(p)
+    return removed
+
+
+def _last_write(folder: Path) -> float:
+    """When anything under `folder` (itself included) was last written, Unix seconds."""
+    return max((p.stat().st_mtime for p in folder.rglob("*")), default=folder.stat().st_mtime)
+
+
+def remove_finished_work(versions_dir: Path, finished: Callable[[str, float], bool],
+                         phases: Sequence[str] = ()) -> list[Path]:
+    """Remove the `.work/<task id>` folders (an iteration's are `<task id>-<phase>`) whose
+    task `finished(task_id, idle_s)` says has ended; idle_s is the time since anything in
+    the folder was written. Returns the folders removed."""
+    work = versions_dir / WORK_DIR
+    removed: list[Path] = []
+    if not work.is_dir():
+        return removed
+    now = time.time()
+    for folder in sorted(work.iterdir()):
+        task_id = folder.name
+        for phase in phases:
+            task_id = task_id.removesuffix(f"-{phase}")
+        try:
+            idle_s = now - _last_write(folder)
+        except FileNotFoundError:  # removed meanwhile (its task finished)
+            continue
+        if folder.is_dir() and finished(task_id, idle_s):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
     return removed
 
 

@@ -27,6 +27,7 @@ from learner.presets import Preset, get_preset
 
 log = logging.getLogger(__name__)
 Progress = Callable[[dict[str, Any]], None]
+Guard = Callable[[], None]  # raises if this run may no longer write (learner.trigger.LockLost)
 
 _BOUND = False
 
@@ -118,6 +119,11 @@ def _next_id(registry: Any, kind: str) -> Callable[[], str] | None:
     return lambda: registry.next_id("policy" if kind == "policy" else "reward")
 
 
+def _check(guard: Guard | None) -> None:
+    if guard is not None:
+        guard()
+
+
 def _work_dir(settings: Settings, task_id: str) -> Path:
     return settings.versions_dir / artifacts.WORK_DIR / task_id
 
@@ -152,7 +158,8 @@ def _already_published(settings: Settings, registry: Any, kind: str, task_id: st
 
 # --- reward model ------------------------------------------------------------------------------
 def run_reward_model(settings: Settings, task_id: str, votes_jsonl: str | Path | None = None,
-                     progress: Progress | None = None, registry: Any = None) -> dict[str, Any]:
+                     progress: Progress | None = None, registry: Any = None,
+                     guard: Guard | None = None) -> dict[str, Any]:
     from learner.reward_model import save_reward_model, train_reward_model
     from learner.votes import data_range, vote_source
 
@@ -172,6 +179,7 @@ def run_reward_model(settings: Settings, task_id: str, votes_jsonl: str | Path |
     except ValueError as error:
         raise NotEnoughVotes(str(error)) from error
 
+    _check(guard)
     version = artifacts.allocate_id(versions, "rm", _next_id(registry, "rm"))
     final = versions / version
     with artifacts.atomic_dir(final, kind="rm") as tmp:
@@ -182,6 +190,7 @@ def run_reward_model(settings: Settings, task_id: str, votes_jsonl: str | Path |
             "preset": preset.name, "hyperparameters": asdict(preset.reward),
             "metrics": result.metrics, "history": result.history, "created_at": time.time(),
         })
+        _check(guard)  # last, before the rename publishes it
     if registry is not None:
         _register(settings, registry, dict(id=version, kind="reward", state="candidate",
                                            parent=None, path=str(final),
@@ -252,7 +261,8 @@ def make_rollout_factory(settings: Settings, preset: Preset, work_dir: Path,
 def run_policy(settings: Settings, task_id: str, rm_version: str | None = None,
                parent: str | None = None, votes_jsonl: str | Path | None = None,
                progress: Progress | None = None, registry: Any = None,
-               rollout_factory: Callable[[Any], Any] | None = None) -> dict[str, Any]:
+               rollout_factory: Callable[[Any], Any] | None = None,
+               guard: Guard | None = None) -> dict[str, Any]:
     from learner.policy_trainer import save_adapter, train_policy
     from learner.prompt_pool import PromptPool, user_prompts_from_archive
     from learner.reward_model import load_reward_model
@@ -293,7 +303,8 @@ def run_policy(settings: Settings, task_id: str, rm_version: str | None = None,
     reward_fn = reward_model.score_tokens if dense else reward_model.score
     result = train_policy(settings.base_model_path, preset.ppo, reward_fn, pool,
                           factory, parent_adapter=parent_path, progress=progress,
-                          checkpoint_dir=work / "checkpoints", ptx_texts=ptx_texts)
+                          checkpoint_dir=work / "checkpoints", ptx_texts=ptx_texts,
+                          guard=guard)
 
     version = artifacts.allocate_id(versions, "policy", _next_id(registry, "policy"))
     final = versions / version
@@ -304,6 +315,7 @@ def run_policy(settings: Settings, task_id: str, rm_version: str | None = None,
                                                      "parent": parent_id,
                                                      "rm_version": rm_manifest["id"]})
     metrics["sanity"] = policy_sanity(result.model, result.tokenizer, parent_path, preset.ppo)
+    _check(guard)
     with artifacts.atomic_dir(final, kind="policy") as tmp:
         save_adapter(result.model, result.value_head, tmp)
         manifest = artifacts.write_manifest(tmp, {
@@ -314,6 +326,7 @@ def run_policy(settings: Settings, task_id: str, rm_version: str | None = None,
             "preset": preset.name, "hyperparameters": asdict(preset.ppo),
             "metrics": metrics, "history": result.history, "created_at": time.time(),
         })
+        _check(guard)  # last, before the rename publishes it
     if registry is not None:
         _register(settings, registry, dict(id=version, kind="policy", state="candidate",
                                            parent=parent_id, path=str(final), metrics=metrics,

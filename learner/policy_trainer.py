@@ -18,6 +18,7 @@ value head, optimiser, β, RNG, history) is written atomically; a re-run resumes
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -43,7 +44,8 @@ log = logging.getLogger(__name__)
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 CHECKPOINT_PREFIX = "step-"
-TRAINER_STATE_FILE = "trainer_state.pt"
+TRAINER_STATE_FILE = "trainer_state.pt"  # tensors only: optimizer state, torch RNG
+TRAINER_META_FILE = "trainer_state.json"  # the rest: step, KL coefficient, history, Python RNG
 EVAL_SEED = 1234  # the before/after evaluation samples with the same seed
 ADAM_EPS = 1e-5  # CleanRL's PPO
 
@@ -175,7 +177,8 @@ def latest_checkpoint(checkpoint_dir: Path | None) -> Path | None:
     if checkpoint_dir is None or not checkpoint_dir.is_dir():
         return None
     found = sorted((p for p in checkpoint_dir.iterdir()
-                    if p.name.startswith(CHECKPOINT_PREFIX) and (p / TRAINER_STATE_FILE).is_file()),
+                    if p.name.startswith(CHECKPOINT_PREFIX) and (p / TRAINER_STATE_FILE).is_file()
+                    and (p / TRAINER_META_FILE).is_file()),
                    key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
     return found[-1] if found else None
 
@@ -203,8 +206,12 @@ def save_checkpoint(checkpoint_dir: Path, model: Any, value_head: ValueHead,
         save_file(adapter, str(tmp / "adapter.safetensors"))
         save_file({k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()},
                   str(tmp / VALUE_HEAD_FILE))
-        torch.save({"optimizer": optimizer.state_dict(), "state": vars(state)},
+        # Resuming loads these with weights_only=True: tensors and plain containers here, the
+        # rest as JSON, so a checkpoint file can never run code when it is read.
+        torch.save({"optimizer": optimizer.state_dict(), "torch_rng": state.torch_rng},
                    tmp / TRAINER_STATE_FILE)
+        meta = {k: v for k, v in vars(state).items() if k != "torch_rng"}
+        (tmp / TRAINER_META_FILE).write_text(json.dumps(meta))
     for old in checkpoint_dir.iterdir():  # keep only the newest
         if old.name.startswith(CHECKPOINT_PREFIX) and old != final:
             shutil.rmtree(old, ignore_errors=True)
@@ -220,9 +227,13 @@ def load_checkpoint(folder: Path, model: Any, value_head: ValueHead,
     set_peft_model_state_dict(model, load_file(str(folder / "adapter.safetensors"),
                                                device=str(device)))
     value_head.load_state_dict(load_file(str(folder / VALUE_HEAD_FILE), device=str(device)))
-    saved = torch.load(folder / TRAINER_STATE_FILE, weights_only=False, map_location=device)
+    # weights_only: a pickle that would build any other object is refused (UnpicklingError).
+    saved = torch.load(folder / TRAINER_STATE_FILE, weights_only=True, map_location=device)
     optimizer.load_state_dict(saved["optimizer"])
-    return TrainerState(**saved["state"])
+    meta = json.loads((folder / TRAINER_META_FILE).read_text())
+    version, internal, gauss = meta["python_rng"]  # random.getstate()'s tuples, as JSON lists
+    meta["python_rng"] = (version, tuple(internal), gauss)
+    return TrainerState(**meta, torch_rng=saved["torch_rng"].cpu())
 
 
 # --- training ------------------------------------------------------------------------------------
@@ -239,8 +250,11 @@ def train_policy(base_model: Path, preset: PPOPreset, reward_fn: RewardFn, pool:
                  rollout_factory: Callable[[Any], RolloutBackend],
                  parent_adapter: Path | None = None, progress: Progress | None = None,
                  checkpoint_dir: Path | None = None,
-                 ptx_texts: list[list[int]] | None = None) -> PolicyTrainResult:
-    """Run `preset.steps` PPO steps; `rollout_factory(tokenizer)` builds the rollout backend."""
+                 ptx_texts: list[list[int]] | None = None,
+                 guard: Callable[[], None] | None = None) -> PolicyTrainResult:
+    """Run `preset.steps` PPO steps; `rollout_factory(tokenizer)` builds the rollout backend.
+    `guard()` runs before each checkpoint write and raises if this run may no longer write
+    (it lost the learner lock)."""
     torch.manual_seed(preset.seed)
     rng = random.Random(preset.seed)
     model, value_head, tokenizer = load_policy(base_model, preset, parent_adapter)
@@ -376,6 +390,8 @@ def train_policy(base_model: Path, preset: PPOPreset, reward_fn: RewardFn, pool:
                 progress({"phase": "policy", **row})
             if (checkpoint_dir is not None and preset.checkpoint_every
                     and done % preset.checkpoint_every == 0 and done < preset.steps):
+                if guard is not None:
+                    guard()
                 save_checkpoint(checkpoint_dir, model, value_head, optimizer, TrainerState(
                     done, kl_ctl.value, history, eval_start, rng.getstate(),
                     torch.get_rng_state(), seconds_before + elapsed))

@@ -92,9 +92,14 @@ PRESETS: dict[str, Preset] = {
         reward=RewardPreset(lr=3e-3, epochs=2, batch_size=16, lora_rank=8, lora_alpha=16,
                             max_prompt_tokens=96, max_answer_tokens=32, eval_percent=20,
                             token_sum=False, precision="fp32"),
-        ppo=PPOPreset(lr=3e-3, steps=10, rollout_batch=16, minibatch_size=8, ppo_epochs=2,
-                      max_new_tokens=16, max_prompt_tokens=96, kl_coef=0.05, kl_target=6.0,
+        # 32 answers a step and β 0.1: over 8 seeds the RM reward rose by 0.57–1.24 and the
+        # KL peaked at 1.0–3.8 (16 answers, β 0.05: gains 0.27–0.92, a KL of 6.6 seen in CI)
+        ppo=PPOPreset(lr=3e-3, steps=10, rollout_batch=32, minibatch_size=8, ppo_epochs=2,
+                      max_new_tokens=16, max_prompt_tokens=96, kl_coef=0.1, kl_target=6.0,
                       lora_rank=8, lora_alpha=16, eval_prompts=32, checkpoint_every=2,
+                      # without it PPO on the tiny model drifts to answers that never end,
+                      # which the sanity gate then (rightly) refuses
+                      missing_eos_penalty=1.0,
                       precision="fp32"),  # exact, so tests can compare bit for bit
     ),
     # SmolLM2-135M on 2 CPU cores (bf16 autocast). Measured with `make up` running and the

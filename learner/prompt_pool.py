@@ -29,10 +29,30 @@ def as_messages(prompt: Prompt) -> list[Message]:
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
 
 
+def is_text_conversation(messages: Any) -> bool:
+    """A list of messages whose role and content are strings: what the chat template and
+    the tokenizer take. Anything else came from outside (the gateway once archived OpenAI's
+    list-of-parts content as is) and must be skipped, not trained on."""
+    return isinstance(messages, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str)
+        and isinstance(m.get("content"), str) for m in messages)
+
+
 def _is_usable(messages: list[Message]) -> bool:
     """A prompt to answer: the conversation ends with a user turn."""
-    return bool(messages) and messages[-1].get("role") == "user" and bool(
-        messages[-1].get("content", "").strip())
+    return bool(messages) and messages[-1]["role"] == "user" and bool(
+        messages[-1]["content"].strip())
+
+
+def _user_prompts(prompts: list[Any]) -> list[list[Message]]:
+    """The users' prompts that can be answered; the others are skipped and counted."""
+    conversations = [as_messages(p) if isinstance(p, str | list) else p for p in prompts]
+    text = [m for m in conversations if is_text_conversation(m)]
+    usable = [m for m in text if _is_usable(m)]
+    if len(text) < len(prompts):
+        log.warning("prompt pool: skipped %d of %d user prompts whose content is not text",
+                    len(prompts) - len(text), len(prompts))
+    return usable
 
 
 class PromptPool:
@@ -40,7 +60,7 @@ class PromptPool:
                  user_share: float = USER_SHARE) -> None:
         self.shipped = [as_messages(p) for p in (load_shipped_prompts() if shipped is None
                                                  else shipped)]
-        self.user = [m for m in (as_messages(p) for p in (user or [])) if _is_usable(m)]
+        self.user = _user_prompts(user or [])
         self.user_share = user_share if self.user else 0.0
         if not self.shipped and not self.user:
             raise ValueError("empty prompt pool")

@@ -1,7 +1,10 @@
 """Sanity figures of a new policy and its parent, for the loop's sanity gate
 (deploy/decision.py `sanity_failures`): both answer the same fixed prompts (the first
-SANITY_PROMPTS of learner/data/prompts.txt) greedily, up to the preset's max_new_tokens, and
-each set of answers is summarised by `answer_stats`:
+SANITY_PROMPTS of learner/data/prompts.txt), sampled as users see them served (temperature
+SANITY_TEMPERATURE) with the same seed for both, so the two sets differ by the policy, not by
+the draws; greedy answers would judge a mode users never see (a small model's greedy answer
+loops where its sampled ones do not). Up to the preset's max_new_tokens, and each set of
+answers is summarised by `answer_stats`:
 
     empty_share     share of answers that are empty (whitespace only)
     cut_off_share   share that hit max_new_tokens without an EOS
@@ -22,6 +25,8 @@ from typing import Any
 from learner.presets import PPOPreset, Precision
 
 SANITY_PROMPTS = 16
+SANITY_TEMPERATURE = 0.8  # the serving default the crowd's answers are drawn at
+SANITY_SEED = 0
 PARENT_ADAPTER = "sanity-parent"  # name the parent's adapter is loaded under, briefly
 
 
@@ -52,10 +57,12 @@ def sanity_prompts(n: int = SANITY_PROMPTS) -> list[str]:
 
 
 def generate_answers(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int,
-                     max_prompt_tokens: int, precision: Precision = "fp32"
+                     max_prompt_tokens: int, precision: Precision = "fp32",
+                     temperature: float = SANITY_TEMPERATURE, seed: int = SANITY_SEED
                      ) -> tuple[list[str], list[bool]]:
-    """Greedy answers of `model` (as it is now: adapter on or off) to single-turn prompts,
-    and whether each was cut off (no EOS within max_new_tokens)."""
+    """Sampled answers (greedy at temperature 0) of `model` (as it is now: adapter on or off)
+    to single-turn prompts, and whether each was cut off (no EOS within max_new_tokens). The
+    draws come from their own generator state seeded with `seed`: the caller's is untouched."""
     import torch
 
     from learner.precision import amp_dtype, autocast
@@ -69,8 +76,13 @@ def generate_answers(model: Any, tokenizer: Any, prompts: list[str], max_new_tok
     input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in ids], device=device)
     attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ids],
                              device=device)
-    with torch.no_grad(), autocast(amp_dtype(precision, device), device):
-        out = model.generate(input_ids=input_ids, attention_mask=attention, do_sample=False,
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 \
+        else {"do_sample": False}
+    devices = [device] if device.type == "cuda" else []
+    with torch.no_grad(), autocast(amp_dtype(precision, device), device), \
+            torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        out = model.generate(input_ids=input_ids, attention_mask=attention, **sampling,
                              max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
     answers, cut_off = [], []
     for row in out:

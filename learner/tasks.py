@@ -46,10 +46,13 @@ def progress_line(meta: dict[str, Any]) -> str:
 
 class _Reporter:
     """Progress callback: Celery state + log, throttled; renews the iteration lock, and
-    stops the iteration (IterationCancelled) once an operator cancelled it."""
+    stops the iteration (IterationCancelled) once an operator cancelled it, or (LockLost)
+    once this delivery no longer holds the lock (`guard`, also called before each
+    checkpoint write and publish)."""
 
-    def __init__(self, task: Any, lock: Any = None, token: str | None = None) -> None:
-        self.task, self.lock, self.token = task, lock, token
+    def __init__(self, task: Any, lock: Any = None, token: str | None = None,
+                 fence: str | None = None) -> None:
+        self.task, self.lock, self.token, self.fence = task, lock, token, fence
         self.last = 0.0
         self.last_log = 0.0
         self.phase: Any = None
@@ -73,7 +76,17 @@ class _Reporter:
 
             if was_cancelled(self.lock.redis, self.token):
                 raise IterationCancelled(f"iteration {self.token} was cancelled")
-            self.lock.renew(self.token)
+            self.guard()
+
+    def guard(self) -> None:
+        """Raise LockLost unless this delivery still holds the lock (renewing it)."""
+        from learner.trigger import LockLost
+
+        if self.lock is None or self.token is None or self.fence is None:
+            return
+        if not self.lock.check(self.token, self.fence):
+            raise LockLost(f"iteration {self.token} lost its lock (fencing token {self.fence}; "
+                           f"holder now {self.lock.holder()})")
 
 
 def _prepare(settings: Settings) -> Any:
@@ -118,7 +131,7 @@ def iterate(self: Any, votes_jsonl: str | None = None, lock_token: str | None = 
     current policy against it; the new policy is registered as a candidate."""
     from learner import artifacts
     from learner.pipeline import NotEnoughVotes, run_policy, run_reward_model
-    from learner.trigger import TASK_PHASES, IterationLock, was_cancelled
+    from learner.trigger import TASK_PHASES, IterationLock, LockLost, was_cancelled
 
     settings = _settings()
     task_id = self.request.id or "eager-iterate"
@@ -127,21 +140,29 @@ def iterate(self: Any, votes_jsonl: str | None = None, lock_token: str | None = 
     if was_cancelled(lock.redis, token):
         log.info("learner iteration %s was cancelled before it ran; skipped", task_id)
         return {"status": "cancelled", "reason": "cancelled by an operator"}
-    if not lock.hold(token):
-        message = f"another learner iteration holds the lock (task {lock.holder()}); skipped"
+    # A duplicate delivery (a second worker, or past the visibility timeout) finds the lock
+    # held, by another task or by a live delivery of this one, and does nothing; a
+    # re-delivery after a worker died takes over once the dead one's lease lapses.
+    fence = lock.claim_waiting(token, wait_s=lock.lease_s + 1)
+    if fence is None:
+        holder = lock.holder()
+        message = (f"another delivery of this iteration (task {token}) is running; skipped"
+                   if holder == token else
+                   f"another learner iteration holds the lock (task {holder}); skipped")
         log.info(message)
         return {"status": "skipped", "reason": message}
     try:
         registry = _prepare(settings)
-        log.info("learner iteration %s started (%s)", task_id, reason)
-        reporter = _Reporter(self, lock, token)
+        log.info("learner iteration %s started (%s, fencing token %s)", task_id, reason, fence)
+        reporter = _Reporter(self, lock, token, fence)
         try:
-            rm = run_reward_model(settings, f"{task_id}-rm", votes_jsonl, reporter, registry)
+            rm = run_reward_model(settings, f"{task_id}-rm", votes_jsonl, reporter, registry,
+                                  guard=reporter.guard)
         except NotEnoughVotes as error:
             log.info("learner iteration %s skipped: %s", task_id, error)
             return {"status": "skipped", "reason": str(error)}
         policy = run_policy(settings, f"{task_id}-policy", rm["version"], None, votes_jsonl,
-                            reporter, registry)
+                            reporter, registry, guard=reporter.guard)
         if policy.get("refused"):
             log.warning("learner iteration %s: its policy was refused, not registered: %s",
                         task_id, policy["refused"]["reason"])
@@ -150,6 +171,10 @@ def iterate(self: Any, votes_jsonl: str | None = None, lock_token: str | None = 
         log.info("learner iteration %s done: %s (from %s) with %s", task_id, policy["version"],
                  policy["parent"], rm["version"])
         return {"status": "done", "reward_model": rm, "policy": policy}
+    except LockLost as error:
+        # The work folders may be the new holder's now: leave them, and publish nothing.
+        log.warning("learner iteration %s stopped: %s; nothing published", task_id, error)
+        return {"status": "cancelled", "reason": str(error)}
     except IterationCancelled as error:
         for phase in TASK_PHASES:
             shutil.rmtree(settings.versions_dir / artifacts.WORK_DIR / f"{task_id}-{phase}",
@@ -157,4 +182,4 @@ def iterate(self: Any, votes_jsonl: str | None = None, lock_token: str | None = 
         log.info("learner iteration %s stopped: %s", task_id, error)
         return {"status": "cancelled", "reason": str(error)}
     finally:
-        lock.release(token)
+        lock.release_held(token, fence)

@@ -12,6 +12,8 @@ The loop's gates (`why_not_start`): no iteration starts while one runs, while le
 paused (`arena:learner:paused`), or while a candidate the learner made waits for the loop's
 decision (deploy/decision.py): the next iteration starts from the decided `current`.
 A cancelled task id is remembered (`arena:learner:cancelled`) so a re-delivery never runs it.
+Each start first removes the checkpoint folders (`<versions>/.work`) of tasks that ended
+(`remove_finished_work`; `arena gc` does it too).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 import redis
 
 from arena.settings import Settings
+from arena.text import as_str
 
 LOCK_KEY = "arena:learner:lock"
 PAUSED_KEY = "arena:learner:paused"
@@ -35,28 +38,70 @@ ITERATE_TASK = "learner.tasks.iterate"
 FOLLOW_POLL_S = 0.5
 CANCEL_WAIT_S = 15.0  # how long a cancel waits for the worker to stop the task
 TASK_PHASES = ("rm", "policy")  # an iterate task's work dirs: .work/<task id>-<phase>
+# Fencing: which delivery of the lock's task trains (`claim`), by a token from a counter.
+OWNER_KEY = "arena:learner:lock:owner:{task}"  # string: the fencing token of the delivery
+FENCE_KEY = "arena:learner:lock:fence"  # counter of fencing tokens
+CLAIM_POLL_S = 1.0
 
 # Compare-and-act on the lock: only its owner may renew or delete it.
 _RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then " \
          "return redis.call('expire', KEYS[1], ARGV[2]) else return 0 end"
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then " \
            "return redis.call('del', KEYS[1]) else return 0 end"
+# KEYS: lock, owner, fence counter; ARGV: task, lock ttl, lease. The lock is the task's (or
+# free) and no other delivery of the task holds a live lease: a new fencing token.
+_CLAIM = """
+local holder = redis.call('get', KEYS[1])
+if (holder and holder ~= ARGV[1]) or redis.call('exists', KEYS[2]) == 1 then return false end
+local fence = redis.call('incr', KEYS[3])
+redis.call('set', KEYS[1], ARGV[1], 'ex', ARGV[2])
+redis.call('set', KEYS[2], fence, 'ex', ARGV[3])
+return fence
+"""
+# KEYS: lock, owner; ARGV: task, fence, lock ttl, lease. Still the holder: renew both.
+_CHECK = """
+if redis.call('get', KEYS[1]) ~= ARGV[1] or redis.call('get', KEYS[2]) ~= ARGV[2] then
+  return 0
+end
+redis.call('expire', KEYS[1], ARGV[3])
+redis.call('expire', KEYS[2], ARGV[4])
+return 1
+"""
+# KEYS: lock, owner; ARGV: task, fence. Only the holder releases (a fenced-off one never).
+_RELEASE_HELD = """
+if redis.call('get', KEYS[2]) ~= ARGV[2] then return 0 end
+redis.call('del', KEYS[2])
+if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('del', KEYS[1]) end
+return 1
+"""
+
+
+class LockLost(Exception):
+    """This delivery of the iteration no longer holds the lock (it expired, or another
+    delivery of the task took it over): it must stop and never publish."""
 
 
 class IterationLock:
-    def __init__(self, client: redis.Redis, ttl_s: int) -> None:
+    """The lock (value: the task id) says which iteration runs; the fencing token says which
+    delivery of that task trains. `claim` takes a token, `check` (before each checkpoint
+    write and publish, and on every progress report) renews the lock and the token's lease
+    or says it was lost. A delivery whose holder stopped renewing for `lease_s` (a killed
+    worker) can be taken over by a re-delivery; the old holder then fails its next check."""
+
+    def __init__(self, client: redis.Redis, ttl_s: int, lease_s: int | None = None) -> None:
         self.redis, self.ttl_s = client, ttl_s
+        self.lease_s = ttl_s if lease_s is None else lease_s
 
     @classmethod
     def for_settings(cls, settings: Settings) -> IterationLock:
-        return cls(redis.Redis.from_url(settings.effective_redis_url), settings.learner_lock_ttl_s)
+        return cls(redis.Redis.from_url(settings.effective_redis_url), settings.learner_lock_ttl_s,
+                   settings.learner_lease_s)
 
     def acquire(self, token: str) -> bool:
         return bool(self.redis.set(LOCK_KEY, token, nx=True, ex=self.ttl_s))
 
     def holder(self) -> str | None:
-        value = self.redis.get(LOCK_KEY)
-        return value.decode() if isinstance(value, bytes) else value
+        return as_str(self.redis.get(LOCK_KEY))
 
     def hold(self, token: str) -> bool:
         """Own the lock: already ours (a re-delivered task), or free and now taken."""
@@ -66,14 +111,42 @@ class IterationLock:
         return bool(self.redis.eval(_RENEW, 1, LOCK_KEY, token, self.ttl_s))
 
     def release(self, token: str) -> bool:
+        """Free the lock of task `token` from outside (a cancel, a failed queueing)."""
+        self.redis.delete(OWNER_KEY.format(task=token))
         return bool(self.redis.eval(_RELEASE, 1, LOCK_KEY, token))
+
+    def claim(self, token: str) -> str | None:
+        """A fencing token for this delivery of task `token`, or None: the lock is another
+        task's, or another delivery of this task holds a live lease."""
+        fence = self.redis.eval(_CLAIM, 3, LOCK_KEY, OWNER_KEY.format(task=token), FENCE_KEY,
+                                token, self.ttl_s, self.lease_s)
+        return None if fence is None else str(fence)
+
+    def claim_waiting(self, token: str, wait_s: float) -> str | None:
+        """`claim`, retried for up to `wait_s` while another delivery of the same task holds
+        the lease: a holder that was killed stops renewing it, a live one never does."""
+        deadline = time.monotonic() + wait_s
+        while (fence := self.claim(token)) is None:
+            if self.holder() not in (token, None) or time.monotonic() >= deadline:
+                return None
+            time.sleep(CLAIM_POLL_S)
+        return fence
+
+    def check(self, token: str, fence: str) -> bool:
+        """Still the holder (then the lock and the lease are renewed)?"""
+        return bool(self.redis.eval(_CHECK, 2, LOCK_KEY, OWNER_KEY.format(task=token), token,
+                                    fence, self.ttl_s, self.lease_s))
+
+    def release_held(self, token: str, fence: str) -> bool:
+        """Release the lock if this delivery still holds it; a fenced-off one leaves it."""
+        return bool(self.redis.eval(_RELEASE_HELD, 2, LOCK_KEY, OWNER_KEY.format(task=token),
+                                    token, fence))
 
 
 # --- the gates --------------------------------------------------------------------------------
 def running_task(client: redis.Redis) -> str | None:
     """The id of the iteration that holds the lock, if one runs."""
-    value = client.get(LOCK_KEY)
-    return value.decode() if isinstance(value, bytes) else value
+    return as_str(client.get(LOCK_KEY))
 
 
 def is_paused(client: redis.Redis) -> bool:
@@ -121,8 +194,10 @@ def start_iteration(settings: Settings, votes_jsonl: str | Path | None = None,
             message = blocked or f"a learner iteration is already running (task {running})"
             return {"started": False, "task_id": running,
                     "message": f"{message}; this trigger does nothing"}
+        app = make_celery(settings)
         try:
-            make_celery(settings).send_task(
+            remove_finished_work(settings, client, app)
+            app.send_task(
                 ITERATE_TASK, task_id=task_id,
                 kwargs={"votes_jsonl": str(votes_jsonl) if votes_jsonl else None,
                         "lock_token": task_id, "reason": reason})
@@ -134,6 +209,29 @@ def start_iteration(settings: Settings, votes_jsonl: str | Path | None = None,
         client.close()
     return {"started": True, "task_id": task_id,
             "message": f"learner iteration queued (task {task_id}, {reason})"}
+
+
+def remove_finished_work(settings: Settings, client: redis.Redis, app: Any = None) -> list[Path]:
+    """Remove the `.work` checkpoint folders of learner tasks that ended. A run removes its
+    own when it publishes; this catches the rest (failed, skipped, cancelled, a worker gone
+    for good). A folder is kept while its task holds the iteration lock, or Celery has not
+    seen it end and it was written to within `learner_lock_ttl_s` (a live run renews the
+    lock and checkpoints more often than that)."""
+    from celery import states
+
+    from learner import artifacts
+    from learner.celery_app import make_celery
+
+    backend = (app or make_celery(settings)).backend
+    running = running_task(client)
+
+    def finished(task_id: str, idle_s: float) -> bool:
+        if task_id == running:
+            return False
+        return (idle_s > settings.learner_lock_ttl_s
+                or backend.get_task_meta(task_id)["status"] in states.READY_STATES)
+
+    return artifacts.remove_finished_work(settings.versions_dir, finished, TASK_PHASES)
 
 
 def was_cancelled(client: redis.Redis, task_id: str) -> bool:
@@ -181,11 +279,13 @@ def task_status(settings: Settings, task_id: str) -> dict[str, Any]:
     """Celery state and progress meta of a learner task (as the admin API would show it)."""
     from learner.celery_app import make_celery
 
-    result = make_celery(settings).AsyncResult(task_id)
-    info = result.info
+    # One read of the backend: `AsyncResult.state` and `.info` would each read it again, and
+    # a task finishing between the two reads would pair SUCCESS with its progress meta.
+    meta = make_celery(settings).backend.get_task_meta(task_id)
+    info = meta.get("result")
     if isinstance(info, BaseException):
         info = {"error": repr(info)}
-    return {"task_id": task_id, "state": result.state, "info": info or {}}
+    return {"task_id": task_id, "state": meta["status"], "info": info or {}}
 
 
 def learner_status(settings: Settings) -> dict[str, Any]:
@@ -199,7 +299,7 @@ def learner_status(settings: Settings) -> dict[str, Any]:
     try:
         running = running_task(client)
         last = client.get(LAST_TASK_KEY)
-        task_id = running or (last.decode() if isinstance(last, bytes) else last)
+        task_id = running or as_str(last)
         task = task_status(settings, task_id) if task_id else None
         meta = task["info"] if task is not None and isinstance(task["info"], dict) else {}
         progress = meta if running else {}

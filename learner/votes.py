@@ -4,11 +4,15 @@ the same record format; used by tests and before an archive exists)."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from feedback.vote_record import VoteRecord
+from feedback.vote_record import MalformedVote, VoteRecord
+from learner.prompt_pool import is_text_conversation
+
+log = logging.getLogger(__name__)
 
 
 class VoteSource(Protocol):
@@ -24,14 +28,20 @@ class JsonlVoteSource:
     path: Path
 
     def votes(self, until: float | None = None) -> list[VoteRecord]:
-        records = []
+        records, malformed = [], 0
         with Path(self.path).open(encoding="utf-8") as f:
             for line in f:
                 if line.strip():
-                    record = VoteRecord.from_json(line)
+                    try:
+                        record = VoteRecord.from_json(line)
+                    except MalformedVote:
+                        malformed += 1
+                        continue
                     if until is None or record.voted_at < until:
                         records.append(record)
-        return sorted(records, key=lambda r: (r.voted_at, r.vote_id))
+        if malformed:
+            log.warning("votes: skipped %d malformed lines of %s", malformed, self.path)
+        return text_votes(sorted(records, key=lambda r: (r.voted_at, r.vote_id)))
 
     def describe(self) -> str:
         return f"jsonl:{self.path}"
@@ -46,12 +56,25 @@ class ArchiveVoteSource:
 
         archive = Archive(self.url)
         try:
-            return [stored.record for stored in archive.iter_votes(until=until)]
+            return text_votes([stored.record for stored in archive.iter_votes(until=until)])
         finally:
             archive.close()
 
     def describe(self) -> str:
         return "archive"
+
+
+def text_votes(records: list[VoteRecord]) -> list[VoteRecord]:
+    """The votes the learner can train on: conversations and answers of text. One vote
+    with other content (a list of parts, archived by an older gateway) would otherwise stop
+    every reward-model run at tokenisation; it is skipped and counted."""
+    kept = [r for r in records
+            if is_text_conversation(r.conversation_a) and is_text_conversation(r.conversation_b)
+            and isinstance(r.answer_a, str) and isinstance(r.answer_b, str)]
+    if len(kept) < len(records):
+        log.warning("votes: skipped %d of %d votes whose content is not text",
+                    len(records) - len(kept), len(records))
+    return kept
 
 
 def write_jsonl(path: Path, records: list[VoteRecord]) -> Path:

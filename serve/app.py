@@ -13,16 +13,20 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
+from arena.redis_durability import require_durable
 from arena.secrets import session_secret
 from arena.settings import Settings
 from deploy.hot_swap import replica_sync_loop
 from deploy.registry import Registry
 from feedback.vote_stream import VoteAcceptor
 from serve import battles, chat, votes
-from serve.errors import install_error_handlers
+from serve.bodies import BodySizeLimit
+from serve.errors import error_responses, install_error_handlers
 from serve.metrics import GatewayMetrics
 from serve.rate_limit import RateLimiter
 from serve.sessions import SessionMiddleware
@@ -39,13 +43,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = aioredis.Redis.from_url(settings.effective_redis_url)
         sync_client = redis.Redis.from_url(settings.effective_redis_url)
-        Registry(sync_client, settings.data_dir / "audit.log").ensure_base()
-        sync_client.close()
+        try:  # a Redis that can lose accepted votes stops the start (VolatileRedis)
+            shown_url = str(settings.redacted()["redis (effective)"])  # no password
+            for warning in require_durable(sync_client, shown_url, settings.allow_volatile_redis):
+                log.warning("redis: %s", warning)
+            Registry(sync_client, settings.data_dir / "audit.log").ensure_base()
+        finally:
+            sync_client.close()
+        client = aioredis.Redis.from_url(settings.effective_redis_url)
         gw = GatewayState(
             settings=settings, redis=client,
-            pool=ReplicaPool(settings.effective_vllm_urls, settings.request_timeout_s),
+            pool=ReplicaPool(settings.effective_vllm_urls, settings.request_timeout_s,
+                             settings.upstream_max_connections, settings.upstream_pool_timeout_s),
             versions=VersionView(client), limiter=RateLimiter(client), metrics=GatewayMetrics(),
             vote_acceptor=VoteAcceptor(client),
         )
@@ -67,17 +77,34 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="rlhf-arena gateway", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
+    # The vote path skips the body limit: it has its own, smaller one.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(votes.VoteFastPath)  # the vote is the hot path: plain ASGI
-    app.add_middleware(SessionMiddleware, secret=session_secret(settings))  # runs first
+    app.add_middleware(SessionMiddleware, secret=session_secret(settings))
+    if settings.trusted_proxies:  # runs first: the client address every limit counts
+        app.add_middleware(ProxyHeadersMiddleware,
+                           trusted_hosts=[str(net) for net in settings.trusted_proxies])
     app.include_router(chat.router)
     app.include_router(battles.router)
     _include_optional_routers(app)
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's schema plus the vote route, which FastAPI does not route (see votes)."""
+        if app.openapi_schema is None:
+            app.openapi_schema = get_openapi(
+                title=app.title, version=app.version, description=app.description,
+                routes=[*app.routes, *votes.openapi_router.routes])
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.get("/livez")
     async def livez() -> dict[str, str]:
         return {"status": "alive"}
 
-    @app.get("/healthz")
+    @app.get("/healthz", responses={503: {"description": "Degraded: the same report, with "
+                                                           "`problems`.",
+                                           "content": {"application/json": {}}}})
     async def healthz(request: Request) -> JSONResponse:
         gw: GatewayState = request.app.state.gateway
         report: dict[str, Any] = {}
@@ -99,7 +126,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         report["problems"] = problems
         return JSONResponse(report, status_code=200 if not problems else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)  # Prometheus' text format
     async def metrics(request: Request) -> Response:
         gw: GatewayState = request.app.state.gateway
         for figure, value in (await _feedback_figures(gw)).items():
@@ -114,16 +141,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
+# The errors each optional router documents (OpenAI's body): the operator API's are listed
+# in deploy/admin_routes.py.
+OPTIONAL_ROUTERS = {"serve.leaderboard": (), "deploy.admin_routes": (400, 401, 404, 409, 422, 503),
+                    "serve.report_routes": ()}
+
+
 def _include_optional_routers(app: FastAPI) -> None:
     """Routers of packages that plug into the gateway (leaderboard, operator API, report)."""
-    for module_name in ("serve.leaderboard", "deploy.admin_routes", "serve.report_routes"):
+    for module_name, errors in OPTIONAL_ROUTERS.items():
         try:
             module = __import__(module_name, fromlist=["router"])
         except ImportError as error:
             if error.name != module_name:
                 raise
             continue
-        app.include_router(module.router)
+        app.include_router(module.router, responses=error_responses(*errors))
 
 
 async def _feedback_figures(gw: GatewayState) -> dict[str, Any]:

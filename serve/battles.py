@@ -22,12 +22,23 @@ from pydantic import BaseModel, Field
 
 from deploy.registry import VersionRecord
 from feedback.vote_record import ballot_json
-from serve.chat import SSE_MEDIA_TYPE, ChatMessage, client_ip, state_of, upstream_message
-from serve.errors import APIError
+from serve.bodies import StrictJSONRoute
+from serve.chat import (
+    SSE_MEDIA_TYPE,
+    ChatMessage,
+    DeadlineStreamingResponse,
+    answer_responses,
+    check_caps,
+    state_of,
+    text_messages,
+    upstream_message,
+)
+from serve.errors import APIError, error_responses
 from serve.matchmaking import choose_versions
+from serve.rate_limit import rate_subjects
 from serve.state import GatewayState
 
-router = APIRouter()
+router = APIRouter(route_class=StrictJSONRoute)
 BATTLE_KEY = "arena:battle:{id}"
 VOTED_KEY = "arena:battle:{id}:voted"
 SEED_RANGE = 2**31 - 1
@@ -50,8 +61,19 @@ class FollowUpRequest(BaseModel):
     stream: bool = False
 
 
-def _messages(items: list[ChatMessage]) -> list[dict[str, Any]]:
-    return [m.model_dump(exclude_none=True) for m in items]
+class SideAnswer(BaseModel):
+    content: str
+
+
+class BattleAnswers(BaseModel):
+    battle_id: str
+    a: SideAnswer
+    b: SideAnswer
+
+
+BATTLE_RESPONSES = answer_responses(
+    "Both answers (JSON), or with `stream: true` server-sent events `a` / `b` (deltas), then "
+    "`done` (or `error`).", BattleAnswers)
 
 
 async def _load_battle(gw: GatewayState, battle_id: str, session: str) -> dict[str, Any]:
@@ -169,19 +191,20 @@ async def _run_turn(gw: GatewayState, battle: dict[str, Any], records: list[Vers
             for task in tasks:
                 task.cancel()
 
-    return StreamingResponse(events(), media_type=SSE_MEDIA_TYPE,
-                             headers={"X-Battle-Id": battle["battle_id"],
-                                      "Cache-Control": "no-cache"})
+    deadline = asyncio.get_running_loop().time() + gw.settings.answer_deadline_s
+    return DeadlineStreamingResponse(events(), deadline, media_type=SSE_MEDIA_TYPE,
+                                     headers={"X-Battle-Id": battle["battle_id"],
+                                              "Cache-Control": "no-cache"})
 
 
-@router.post("/v1/battles", response_model=None)
+@router.post("/v1/battles", response_model=None, responses=BATTLE_RESPONSES)
 async def create_battle(body: BattleRequest, request: Request):
     gw = state_of(request)
     session = request.scope["state"]["session"]
-    await gw.limiter.check("battles", session, client_ip(request),
+    await gw.limiter.check("battles", *rate_subjects(request.scope),
                            gw.settings.rate_battle_per_session, gw.settings.rate_battle_per_ip)
+    messages = text_messages(body.messages, gw.settings)
     record_a, record_b = await choose_versions(gw)
-    messages = _messages(body.messages)
     battle = {
         "battle_id": uuid.uuid4().hex, "session": session, "created_at": time.time(),
         "model_a": record_a.id, "model_b": record_b.id,
@@ -193,11 +216,12 @@ async def create_battle(body: BattleRequest, request: Request):
                            _sampling(gw, body.max_tokens, body.temperature), body.stream)
 
 
-@router.post("/v1/battles/{battle_id}/messages", response_model=None)
+@router.post("/v1/battles/{battle_id}/messages", response_model=None,
+             responses={**BATTLE_RESPONSES, **error_responses(403, 409)})
 async def continue_battle(battle_id: str, body: FollowUpRequest, request: Request):
     gw = state_of(request)
     session = request.scope["state"]["session"]
-    await gw.limiter.check("battles", session, client_ip(request),
+    await gw.limiter.check("battles", *rate_subjects(request.scope),
                            gw.settings.rate_battle_per_session, gw.settings.rate_battle_per_ip)
     battle = await _load_battle(gw, battle_id, session)
     if await gw.redis.exists(VOTED_KEY.format(id=battle_id)):
@@ -206,5 +230,6 @@ async def continue_battle(battle_id: str, body: FollowUpRequest, request: Reques
                await gw.versions.resolve(battle["model_b"])]
     for side in "ab":
         battle[f"conversation_{side}"].append({"role": "user", "content": body.content})
+    check_caps(battle["conversation_a"], gw.settings, sent_from=len(battle["conversation_a"]) - 1)
     return await _run_turn(gw, battle, records, _sampling(gw, body.max_tokens, body.temperature),
                            body.stream)

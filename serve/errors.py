@@ -8,14 +8,49 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 ERROR_TYPES = {
     400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
     404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error",
     413: "invalid_request_error", 422: "invalid_request_error",
-    429: "rate_limit_error", 503: "service_unavailable",
+    429: "rate_limit_error", 503: "service_unavailable", 504: "timeout_error",
 }
+
+
+ERROR_DESCRIPTIONS = {
+    400: "Refused by this deployment's settings (caps, context length, content type).",
+    401: "The admin token is missing or wrong.",
+    403: "Not this session's battle.",
+    404: "No such model, version or battle.",
+    409: "Not allowed in the current state (e.g. a second vote).",
+    413: "The request body is over the size limit.",
+    422: "The body is not strict JSON or not this route's schema.",
+    429: "Rate limit exceeded; see Retry-After.",
+    502: "The model server failed.",
+    503: "A store or the model server is unavailable; see Retry-After.",
+    504: "The model server or the answer took too long.",
+}
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """OpenAI's error body, as every error of the gateway is answered."""
+
+    error: ErrorDetail
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """`responses=` for a route: these statuses documented with OpenAI's error body."""
+    return {status: {"model": ErrorBody, "description": ERROR_DESCRIPTIONS[status]}
+            for status in statuses}
 
 
 class APIError(Exception):
@@ -41,9 +76,14 @@ def error_response(status: int, message: str, code: str | None = None,
 def _describe_validation(error: RequestValidationError) -> tuple[str, str | None]:
     parts, first_param = [], None
     for item in error.errors():
+        if item.get("type") == "json_invalid":  # where the JSON broke is in its message
+            parts.append(f"not JSON ({item.get('ctx', {}).get('error')})")
+            continue
         location = ".".join(str(p) for p in item.get("loc", ()) if p != "body")
         first_param = first_param or location or None
-        parts.append(f"{location or 'body'}: {item.get('msg')}")
+        message = ("unknown field; this route takes only its documented fields"
+                   if item.get("type") == "extra_forbidden" else item.get("msg"))
+        parts.append(f"{location or 'body'}: {message}")
     return "Invalid request body: " + "; ".join(parts), first_param
 
 
@@ -59,5 +99,6 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail), None, None,
+        code = "body_too_large" if exc.status_code == 413 else None  # serve/bodies.py
+        return error_response(exc.status_code, str(exc.detail), code, None,
                               dict(exc.headers or {}))

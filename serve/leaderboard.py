@@ -14,6 +14,7 @@ from fastapi.responses import Response
 from elo.bradley_terry import rank_with_ci
 from elo.ratings_store import load_leaderboard
 from serve.chat import state_of
+from serve.errors import error_responses
 
 router = APIRouter()
 
@@ -43,7 +44,7 @@ async def leaderboard(request: Request) -> dict[str, Any]:
             "anchor": fit.get("anchor")}
 
 
-@router.get("/v1/leaderboard/history")
+@router.get("/v1/leaderboard/history", responses=error_responses(422))
 async def leaderboard_history(request: Request, limit: int = 500) -> dict[str, Any]:
     board = await load_leaderboard(state_of(request).redis, history=max(1, min(limit, 10_000)))
     return {"object": "list", "data": board["history"]}

@@ -5,27 +5,40 @@ httpx.Client) need nothing else. A pure ASGI middleware: it does not buffer stre
 from __future__ import annotations
 
 import uuid
-from functools import lru_cache
 
 from itsdangerous import BadSignature, URLSafeSerializer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 COOKIE_NAME = "arena_session"
 COOKIE_MAX_AGE_S = 30 * 24 * 3600
-VERIFIED_CACHE_SIZE = 65536  # tokens whose signature was checked (a token's answer never changes)
+VERIFIED_CACHE_SIZE = 65536  # valid tokens whose signature was checked (the answer never changes)
+# Our tokens are ~70 characters (a uuid hex, signed); anything longer is not one of ours.
+MAX_TOKEN_CHARS = 128
 
 
 class SessionMiddleware:
     def __init__(self, app: ASGIApp, secret: str) -> None:
+        if not secret.strip():
+            raise ValueError("the session secret is empty: anyone could sign a session cookie")
         self.app = app
         self.signer = URLSafeSerializer(secret, salt="arena-session")
-        self._verify = lru_cache(maxsize=VERIFIED_CACHE_SIZE)(self._verify_token)
+        self._verified: dict[str, str] = {}
 
-    def _verify_token(self, token: str) -> str | None:
+    def _verify(self, token: str) -> str | None:
+        """The session a token names, if we signed it. Only tokens we issued are cached:
+        invalid ones cost a sender nothing to make up, and would push out real sessions."""
+        if (session := self._verified.get(token)) is not None:
+            return session
+        if len(token) > MAX_TOKEN_CHARS:
+            return None
         try:
-            return str(self.signer.loads(token))
+            session = str(self.signer.loads(token))
         except BadSignature:
             return None
+        if len(self._verified) >= VERIFIED_CACHE_SIZE:
+            del self._verified[next(iter(self._verified))]  # the oldest entry
+        self._verified[token] = session
+        return session
 
     def _read(self, scope: Scope) -> str | None:
         """The session in the `arena_session` cookie, if its signature is ours. Cookie
@@ -50,7 +63,7 @@ class SessionMiddleware:
             await self.app(scope, receive, send)
             return
         session = uuid.uuid4().hex  # first contact: a new session, its cookie on the answer
-        scope.setdefault("state", {})["session"] = session
+        scope.setdefault("state", {}).update(session=session, new_session=True)
 
         async def send_with_cookie(message: Message) -> None:
             if message["type"] == "http.response.start":

@@ -36,16 +36,22 @@ class Replica:
         self.loaded.clear()  # it may come back restarted, with nothing loaded
 
 
+# Failures that say "this replica is not there": try the next one.
+REPLICA_DOWN_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError)
+
+
 class ReplicaPool:
-    def __init__(self, urls: list[str], timeout_s: float) -> None:
+    def __init__(self, urls: list[str], timeout_s: float, max_connections: int = 512,
+                 pool_timeout_s: float = 5.0) -> None:
         self.replicas = [Replica(u.rstrip("/")) for u in urls]
         self._cycle = itertools.cycle(range(len(self.replicas)))
         self._load_locks: dict[tuple[str, str], asyncio.Lock] = {}
         # One client, created up front: creating clients while requests are in flight was
         # seen to block for seconds (stack notes).
         self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout_s, connect=2.0),
-            limits=httpx.Limits(max_connections=512, max_keepalive_connections=128),
+            timeout=httpx.Timeout(timeout_s, connect=2.0, pool=pool_timeout_s),
+            limits=httpx.Limits(max_connections=max_connections,
+                                max_keepalive_connections=min(128, max_connections)),
         )
 
     async def close(self) -> None:
@@ -97,6 +103,19 @@ class ReplicaPool:
                              "shortly", "upstream_unavailable",
                         headers={"Retry-After": RETRY_AFTER_S})
 
+    @staticmethod
+    def _failed(error: httpx.HTTPError) -> APIError:
+        """What a client is told when a model server request fails (not a dead replica)."""
+        if isinstance(error, httpx.PoolTimeout):
+            return APIError(503, "The gateway has no free connection to the model servers "
+                                 "(too many answers in progress); retry shortly.",
+                            "upstream_busy", headers={"Retry-After": RETRY_AFTER_S})
+        if isinstance(error, httpx.TimeoutException):
+            return APIError(504, f"The model server did not answer in time ({error!r}); retry, "
+                                 "or ask for fewer tokens.", "upstream_timeout")
+        return APIError(502, f"The model server request failed ({error!r}); retry.",
+                        "upstream_failed")
+
     async def post(self, path: str, body: dict, version: str,
                    adapter: str | None = None) -> httpx.Response:
         """POST to the first healthy replica; connection failures move on to the next."""
@@ -109,9 +128,11 @@ class ReplicaPool:
                     await self.ensure_loaded(replica, version, adapter)
                     response = await self.client.post(f"{replica.url}{path}", json=body)
                 return response
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as e:
+            except REPLICA_DOWN_ERRORS as e:
                 replica.mark_down()
                 last_error = e
+            except httpx.HTTPError as e:
+                raise self._failed(e) from e
         raise self._unavailable(last_error)
 
     @asynccontextmanager
@@ -131,10 +152,12 @@ class ReplicaPool:
                         await response.aclose()
                         await self.ensure_loaded(replica, version, adapter)
                         response = await self.client.send(request, stream=True)
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as e:
+            except REPLICA_DOWN_ERRORS as e:
                 replica.mark_down()
                 last_error = e
                 continue
+            except httpx.HTTPError as e:
+                raise self._failed(e) from e
             try:
                 yield response
             finally:

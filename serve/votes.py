@@ -4,21 +4,25 @@ Every battle ends in one vote, and a crowd votes in bursts, so this route skips 
 other routes pay for (pydantic request models, dependency solving, response encoding):
 it reads a tiny JSON body, runs one Redis script (rate limits, battle, session, once-only
 guard, XADD; feedback/vote_stream.py) and answers with the reveal. 2xx only after the vote
-is in the stream.
+is in the stream. Being no FastAPI route, it is put in the OpenAPI document from
+`openapi_router` (serve/app.py), which describes it and is never mounted.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Literal
 
+from fastapi import APIRouter
+from pydantic import BaseModel
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from feedback.vote_record import WINNERS
 from feedback.vote_stream import VoteKeys
 from serve.battles import BATTLE_KEY, NOT_FOUND_MESSAGE, VOTED_KEY, WRONG_SESSION_MESSAGE
-from serve.errors import APIError, error_body
-from serve.rate_limit import KEY_TTL_S, rate_limit_error, window_keys
+from serve.bodies import parse_json
+from serve.errors import APIError, error_body, error_responses
+from serve.rate_limit import KEY_TTL_S, rate_limit_error, rate_subjects, window_keys
 from serve.state import GatewayState
 
 MAX_BODY_BYTES = 4096
@@ -29,6 +33,31 @@ OUTCOME_ERRORS = {
     425: ("battle_incomplete", "This battle's answers are not finished yet."),
     409: ("already_voted", "This battle already has a vote."),
 }
+
+
+class VoteRequest(BaseModel):
+    winner: Literal[WINNERS]  # type: ignore[valid-type]
+
+
+class VoteReveal(BaseModel):
+    battle_id: str
+    winner: Literal[WINNERS]  # type: ignore[valid-type]
+    a_model: str
+    b_model: str
+
+
+openapi_router = APIRouter()
+
+
+@openapi_router.post(
+    "/v1/battles/{battle_id}/vote", response_model=VoteReveal,
+    responses=error_responses(403, 404, 409, 413, 422, 429, 503),
+    summary="Vote on a battle",
+    description="The battle's session only, once; 200 once the vote is stored, with the "
+                "reveal. 409 also while the answers are still being written.")
+async def vote_documented(battle_id: str, body: VoteRequest) -> VoteReveal:
+    """Never called: `VoteFastPath` answers this path before FastAPI's router."""
+    raise NotImplementedError
 
 
 class VoteFastPath:
@@ -77,8 +106,9 @@ async def _send_json(send: Send, status: int, payload: dict[str, Any],
 
 async def _accept(gw: GatewayState, scope: Scope, battle_id: str, winner: str) -> dict[str, Any]:
     session: str = scope["state"]["session"]
-    ip = scope["client"][0] if scope.get("client") else "unknown"
-    session_key, ip_key, retry_after = window_keys("votes", session, ip)
+    # One session counter is enough here: a vote without a cookie has no battle to vote on.
+    sessions, ip = rate_subjects(scope)
+    session_key, ip_key, retry_after = window_keys("votes", sessions[0], ip)
     settings = gw.settings
     try:
         outcome = await gw.vote_acceptor.accept(
@@ -122,7 +152,7 @@ async def _read_body(receive: Receive) -> bytes:
 
 def _winner(body: bytes) -> str:
     try:
-        data = json.loads(body)
+        data = parse_json(body)  # strict: also refuses deep nesting instead of recursing
     except ValueError as error:
         raise APIError(422, f"Invalid request body: not JSON ({error}). Send "
                              '{"winner": "a" | "b" | "tie" | "both_bad"}.',

@@ -154,6 +154,7 @@ def settings(tmp_path: Path, redis_url: str, tiny_model_dir: Path) -> Settings:
         session_secret="test-session-secret",
         learner_preset="tiny",
         vllm_max_model_len=TINY_MAX_MODEL_LEN,
+        import_roots=[tmp_path.parent],  # the session's temp folders: the test adapters
     )
 
 
@@ -167,7 +168,11 @@ class VLLMProcess:
         self.log = log_path.open("w")
         self.proc = subprocess.Popen(argv, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True, cwd=log_path.parent)
-        self.wait_ready()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()  # a server that did not start in time must not run on, orphaned
+            raise
 
     @property
     def url(self) -> str:
@@ -265,7 +270,8 @@ class GatewayServer:
         self.settings = settings
         self.port = free_port()
         config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=self.port,
-                                log_level="warning", lifespan="on")
+                                log_level="warning", lifespan="on",
+                                proxy_headers=False)  # as `arena up`: the app decides
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

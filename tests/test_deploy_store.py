@@ -4,9 +4,11 @@ refused and leave nothing behind (the loop's decision rule: tests/test_deploy_de
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -24,7 +26,8 @@ from deploy.manifest import (
     verify,
     write_manifest,
 )
-from deploy.registry import Registry
+from deploy.registry import PREVIOUS_KEY, Registry, VersionRecord
+from deploy.states import TransitionError
 from deploy.store import register_adapter, register_reward_model
 
 WEIGHTS = "adapter_model.safetensors"
@@ -185,3 +188,109 @@ def test_register_reward_model(settings: Settings, registry: Registry,
     record = register_reward_model(settings, registry, lora_adapters[0], metrics={"acc": 0.7})
     assert (record.id, record.kind, record.state) == ("rm-v1", "reward", "candidate")
     assert [r.id for r in registry.policies()] == ["base"]
+
+
+# --- rollback: one atomic, checked flip -----------------------------------------------------
+def _three_promoted(registry: Registry) -> None:
+    """policy-v1..v3 promoted in turn: current policy-v3, history [v2, v1, base]."""
+    for version in ("policy-v1", "policy-v2", "policy-v3"):
+        registry.add(VersionRecord(id=version, kind="policy", state="candidate", parent="base"))
+        registry.promote(version, actor="test")
+
+
+def test_rollback_refuses_a_target_or_current_that_changed(registry: Registry) -> None:
+    _three_promoted(registry)
+    before = registry.redis.lrange(PREVIOUS_KEY, 0, -1)
+    with pytest.raises(TransitionError, match="current changed"):
+        registry.rollback("test", expected_current="policy-v2")
+    with pytest.raises(TransitionError, match="target changed"):
+        registry.rollback("test", expected_target="policy-v1")
+    assert registry.current() == "policy-v3"
+    assert registry.redis.lrange(PREVIOUS_KEY, 0, -1) == before
+    assert registry.rollback("test", expected_current="policy-v3",
+                             expected_target="policy-v2") == ("policy-v3", "policy-v2")
+
+
+def _run_concurrently(monkeypatch: pytest.MonkeyPatch, *make: Any) -> tuple[list[Any], list[str]]:
+    """Run the swap coroutines together; each one's replica load waits until all started, so
+    every one reads its target before any flips. Returns (results or errors, loaded ids)."""
+    from deploy import hot_swap
+
+    loaded: list[str] = []
+
+    async def main() -> list[Any]:
+        gate = asyncio.Event()
+
+        async def slow_load(pool: Any, record: VersionRecord,
+                            require_one: bool = True) -> list[str]:
+            loaded.append(record.id)
+            await gate.wait()
+            return ["http://replica"]
+
+        monkeypatch.setattr(hot_swap, "load_everywhere", slow_load)
+        tasks = [asyncio.create_task(m(hot_swap)) for m in make]
+        while len(loaded) < len(make):
+            await asyncio.sleep(0.01)
+        gate.set()
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    return asyncio.run(main()), loaded
+
+
+def test_two_concurrent_rollbacks_flip_once(registry: Registry,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    _three_promoted(registry)
+    results, loaded = _run_concurrently(
+        monkeypatch, lambda hs: hs.rollback(None, registry, "a"),
+        lambda hs: hs.rollback(None, registry, "b"))
+    assert loaded == ["policy-v2", "policy-v2"]
+    done = [r for r in results if not isinstance(r, BaseException)]
+    refused = [r for r in results if isinstance(r, BaseException)]
+    assert [(r.before["current"], r.id) for r in done] == [("policy-v3", "policy-v2")]
+    assert len(refused) == 1 and isinstance(refused[0], TransitionError), refused
+    # The second one never went on to policy-v1, which no replica was asked to load.
+    assert registry.current() == "policy-v2"
+    assert registry.get("policy-v3").state == "candidate"
+    assert registry.rollback_target() == "policy-v1"
+
+
+def test_promote_during_a_rollback_wins_and_the_rollback_changes_nothing(
+        registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    _three_promoted(registry)
+    results, loaded = _run_concurrently(
+        monkeypatch, lambda hs: hs.rollback(None, registry, "a"),
+        lambda hs: hs.promote(None, registry, "policy-v1", "b"))
+    rolled, promoted = results
+    assert sorted(loaded) == ["policy-v1", "policy-v2"]
+    assert isinstance(rolled, TransitionError) and "current changed" in str(rolled)
+    assert promoted.id == "policy-v1" and registry.current() == "policy-v1"
+    assert registry.get("policy-v2").state == "candidate"
+
+
+# --- where a checkpoint may come from -------------------------------------------------------
+def test_register_only_from_an_import_root_after_symlinks(settings: Settings,
+                                                          lora_adapters: list[Path],
+                                                          tmp_path: Path) -> None:
+    imports = tmp_path / "imports"
+    imports.mkdir()
+    strict = settings.model_copy(update={"import_roots": [imports]})
+    registry = Registry(redis.Redis.from_url(strict.effective_redis_url))
+    registry.ensure_base()
+    outside = copy_adapter(lora_adapters[0], tmp_path / "elsewhere")
+    (imports / "link").symlink_to(outside, target_is_directory=True)
+    leaky = copy_adapter(lora_adapters[0], imports / "leaky")
+    (leaky / "adapter_model.safetensors").unlink()
+    (leaky / "adapter_model.safetensors").symlink_to(outside / "adapter_model.safetensors")
+
+    for src, words in ((outside, "outside the import roots"),
+                       (imports / "link", "outside the import roots"),  # followed, then checked
+                       (imports / "link" / ".." / ".." / "elsewhere", "outside the import roots"),
+                       (tmp_path / "nowhere", "ARENA_IMPORT_ROOTS"),  # refused before looking
+                       (leaky, "outside the checkpoint folder")):
+        assert_refused(strict, registry, src, "path_not_allowed", words)
+
+    inside = copy_adapter(lora_adapters[0], imports / "good")
+    assert register_adapter(strict, registry, inside).id == "policy-v1"
+    # The learner's own versions folder always counts (a version registered again from it).
+    again = copy_adapter(lora_adapters[1], strict.versions_dir / "exported")
+    assert register_adapter(strict, registry, again).id == "policy-v2"

@@ -137,7 +137,7 @@ def test_redelivered_entry_counts_once(client: redis.Redis, sqlite_archive: Arch
     assert sorted(archived_ids(sqlite_archive)) == sorted(v.vote_id for v in votes)
     expected = replay([(v.model_a, v.model_b, v.winner) for v in votes], k=settings.elo_k)
     assert load_online(client) == pytest.approx(expected)
-    assert client.scard(APPLIED_KEY) == 120
+    assert client.zcard(APPLIED_KEY) == 120
 
 
 def test_malformed_entries_dead_lettered(client: redis.Redis, sqlite_archive: Archive,
@@ -413,7 +413,7 @@ def test_run_consumers_in_one_process(client: redis.Redis, tmp_path: Path,
     assert not runner.is_alive()
     assert len(triggered) == 2 and votes_since_learner_run(client) < 100
     assert load_fit(client).n_votes == 250
-    assert client.scard(APPLIED_KEY) == 250
+    assert client.zcard(APPLIED_KEY) == 250
 
 
 def test_run_consumers_rides_out_a_redis_restart(own_redis, tmp_path: Path) -> None:

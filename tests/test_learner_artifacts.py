@@ -19,6 +19,7 @@ from arena.settings import Settings
 from learner import artifacts
 from learner.pipeline import registry_for, run_policy, run_reward_model
 from learner.plot import plot_iteration
+from learner.presets import get_preset
 from learner.prompt_pool import load_shipped_prompts
 from learner.synthetic import hidden_rule_votes
 from learner.votes import write_jsonl
@@ -133,7 +134,7 @@ def test_killed_worker_leaves_no_partial_checkpoint_and_resumes(
     assert manifest["parent"] == "base" and manifest["rm_version"] == "rm-v1"
     assert {"adapter_model.safetensors", "adapter_config.json",
             "value_head.safetensors"} <= set(manifest["files"])
-    assert manifest["hyperparameters"]["kl_coef"] == 0.05
+    assert manifest["hyperparameters"]["kl_coef"] == get_preset("tiny").ppo.kl_coef
     assert manifest["data_range"]["n_votes"] == 120
     record = registry.get("policy-v1")
     assert (record.kind, record.state, record.parent) == ("policy", "candidate", "base")
@@ -178,7 +179,70 @@ def test_policy_goes_through_the_adapter_check_and_carries_sanity_figures(
     # only the trained adapter is published (the parent's was loaded beside it, then removed)
     assert not [p for p in Path(first["path"]).iterdir() if p.is_dir()]
 
-    # From that policy: its parent's figures are the ones it had itself (greedy, same prompts).
+    # From that policy: its parent's figures are the ones it had itself (same prompts and
+    # seeded draws).
     second = run_policy(settings, "task-second", parent=first["version"], registry=registry)
     parent_figures = registry.get(second["version"]).metrics["sanity"]["parent"]
     assert parent_figures == {k: v for k, v in sanity.items() if k != "parent"}
+
+
+class _RunsCode:
+    """A pickle that runs code when loaded (writes the marker file)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (Path.write_text, (self.marker, "ran"))
+
+
+def test_checkpoint_resumes_with_weights_only_and_refuses_a_pickle(tiny_model_dir: Path,
+                                                                  tmp_path: Path) -> None:
+    """The trainer state loads with torch.load(weights_only=True): optimizer, both RNG
+    states and the history come back; a trainer_state.pt carrying an arbitrary pickle is
+    refused and its code never runs."""
+    import pickle
+    import random
+
+    from learner.policy_trainer import (
+        TRAINER_STATE_FILE,
+        TrainerState,
+        latest_checkpoint,
+        load_checkpoint,
+        load_policy,
+        save_checkpoint,
+    )
+    from learner.presets import get_preset
+
+    preset = get_preset("tiny").ppo
+    model, value_head, _ = load_policy(tiny_model_dir, preset)
+    params = [p for p in model.parameters() if p.requires_grad] + list(value_head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    sum(p.float().pow(2).sum() for p in params).backward()
+    optimizer.step()
+    rng = random.Random(7)
+    rng.random()
+    state = TrainerState(4, 0.07, [{"step": 1, "reward": 0.5, "entropy": None}],
+                         {"reward": 0.1, "kl": 0.0}, rng.getstate(), torch.get_rng_state(), 2.5)
+    folder = save_checkpoint(tmp_path / "checkpoints", model, value_head, optimizer, state)
+    assert latest_checkpoint(tmp_path / "checkpoints") == folder
+
+    fresh = torch.optim.AdamW(params, lr=1e-3)
+    loaded = load_checkpoint(folder, model, value_head, fresh)
+    assert (loaded.step, loaded.kl_coef, loaded.history, loaded.eval_start, loaded.seconds) == (
+        4, 0.07, state.history, state.eval_start, 2.5)
+    assert loaded.python_rng == state.python_rng
+    resumed = random.Random()
+    resumed.setstate(loaded.python_rng)
+    assert resumed.random() == rng.random()
+    assert torch.equal(loaded.torch_rng, state.torch_rng)
+    for saved, restored in zip(optimizer.state_dict()["state"].values(),
+                               fresh.state_dict()["state"].values(), strict=True):
+        assert torch.equal(saved["exp_avg"], restored["exp_avg"])
+
+    marker = tmp_path / "pwned"
+    torch.save({"optimizer": _RunsCode(marker), "torch_rng": state.torch_rng},
+               folder / TRAINER_STATE_FILE)
+    with pytest.raises(pickle.UnpicklingError):
+        load_checkpoint(folder, model, value_head, torch.optim.AdamW(params, lr=1e-3))
+    assert not marker.exists()

@@ -88,3 +88,100 @@ def test_iterate_through_celery_worker(learner_env: None, settings: Settings, ce
     # `--follow` on a finished task returns at once with its result.
     final = follow_iteration(settings, first["task_id"], console=None, timeout_s=10)
     assert final["state"] == "SUCCESS"
+
+
+# --- fencing: one delivery of an iteration trains, a fenced-off one never publishes ------------
+def test_lock_fencing_tokens(settings: Settings) -> None:
+    import redis
+
+    from learner.trigger import OWNER_KEY
+
+    client = redis.Redis.from_url(settings.effective_redis_url)
+    lock = IterationLock(client, 60, lease_s=60)
+    first = lock.claim("task-1")
+    assert first is not None and lock.holder() == "task-1"
+    assert lock.claim("task-1") is None  # a duplicate delivery: held by a live one
+    assert lock.claim("task-2") is None  # another task
+    assert lock.check("task-1", first)
+    client.delete(OWNER_KEY.format(task="task-1"))  # its lease lapsed: a re-delivery takes over
+    second = lock.claim("task-1")
+    assert second is not None and int(second) > int(first)
+    assert not lock.check("task-1", first)  # the old holder is fenced off ...
+    assert not lock.release_held("task-1", first)  # ... and cannot free the new one's lock
+    assert lock.holder() == "task-1" and lock.check("task-1", second)
+    assert lock.release_held("task-1", second) and lock.holder() is None
+
+    # A holder that stopped renewing (killed) is taken over once its lease lapses.
+    short = IterationLock(client, 60, lease_s=1)
+    dead = short.claim("task-3")
+    started = time.monotonic()
+    taken = short.claim_waiting("task-3", wait_s=5)
+    assert taken is not None and taken != dead and time.monotonic() - started < 4
+    assert not short.check("task-3", dead)
+    short.release_held("task-3", taken)
+
+
+def _eager_iterate(monkeypatch: pytest.MonkeyPatch, settings: Settings, votes: Path,
+                   token: str) -> dict:
+    from learner import tasks
+
+    monkeypatch.setattr(tasks, "_settings", lambda: settings)
+    return tasks.iterate.run(votes_jsonl=str(votes), lock_token=token)
+
+
+def test_duplicate_delivery_sees_the_lock_held_and_does_nothing(
+        settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import learner.pipeline
+
+    votes = write_jsonl(tmp_path / "votes.jsonl", hidden_rule_votes(40, load_shipped_prompts()))
+    original = IterationLock.for_settings(settings)
+    fence = original.claim("task-dup")  # the original delivery, still running
+    assert fence is not None
+
+    def must_not_train(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the duplicate delivery trained")
+
+    monkeypatch.setattr(learner.pipeline, "run_reward_model", must_not_train)
+    duplicate = settings.model_copy(update={"learner_lease_s": 1})  # waits ~2 s, then gives up
+    result = _eager_iterate(monkeypatch, duplicate, votes, "task-dup")
+    assert result["status"] == "skipped" and "another delivery" in result["reason"]
+    assert original.check("task-dup", fence)  # the original still holds it, untouched
+
+
+def test_a_run_that_lost_its_lock_stops_without_publishing(
+        settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    import learner.pipeline
+    import learner.reward_model
+    from learner.trigger import OWNER_KEY
+
+    settings = settings.model_copy(update={"learner_rollout": "transformers",
+                                           "learner_nice": 0})
+    votes = write_jsonl(tmp_path / "votes.jsonl", hidden_rule_votes(60, load_shipped_prompts()))
+    lock = IterationLock.for_settings(settings)
+    real_train = learner.reward_model.train_reward_model
+    stolen: list[str] = []
+
+    def train_then_lose_the_lock(*args: object, **kwargs: object) -> object:
+        result = real_train(*args, **kwargs)
+        # Meanwhile a re-delivery of the same task took the lock over (the lease lapsed).
+        lock.redis.delete(OWNER_KEY.format(task="task-lost"))
+        stolen.append(lock.claim("task-lost"))
+        return result
+
+    def must_not_run(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the fenced-off run went on to the policy")
+
+    monkeypatch.setattr(learner.reward_model, "train_reward_model", train_then_lose_the_lock)
+    monkeypatch.setattr(learner.pipeline, "run_policy", must_not_run)
+    with caplog.at_level("WARNING", logger="learner.tasks"):
+        result = _eager_iterate(monkeypatch, settings, votes, "task-lost")
+
+    assert result["status"] == "cancelled" and "lost its lock" in result["reason"]
+    assert "nothing published" in caplog.text
+    assert stolen and stolen[0] is not None
+    assert artifacts.list_versions(settings.versions_dir, "rm") == []  # nothing published
+    assert not [r for r in registry_for(settings).all() if r.kind == "reward"]
+    # The new holder keeps the lock: the fenced-off run did not release it.
+    assert lock.holder() == "task-lost" and lock.check("task-lost", stolen[0])
+    lock.release_held("task-lost", stolen[0])

@@ -51,7 +51,7 @@ CROWD_TIMEOUT_S = 300  # a bound only (the loop takes ~2 min)
 SETTLE_S = 30  # after the crowd: archive and refit catch up
 # The learner worker's environment (the celery_worker fixture copies os.environ).
 LEARNER_ENV = {"ARENA_LEARNER_ROLLOUT": "transformers", "ARENA_LEARNER_THREADS": "1",
-               "ARENA_LEARNER_NICE": "0", "ARENA_LEARNER_PPO_STEPS": "5"}
+               "ARENA_LEARNER_NICE": "0"}
 
 
 @pytest.fixture

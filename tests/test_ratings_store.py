@@ -46,7 +46,7 @@ def test_online_votes_applied_once(client: redis.Redis) -> None:
     assert apply_online_votes(client, votes[40:] + votes[:5], k=8.0) == len(votes) - 50
     assert apply_online_votes(client, votes, k=8.0) == 0
     assert load_online(client) == pytest.approx(replay(VOTES, k=8.0))
-    assert client.scard(APPLIED_KEY) == len(votes)  # self-pairs count as applied
+    assert client.zcard(APPLIED_KEY) == len(votes)  # self-pairs count as applied
 
 
 def test_concurrent_rankers_do_not_lose_updates(client: redis.Redis, redis_url: str) -> None:
@@ -65,7 +65,7 @@ def test_concurrent_rankers_do_not_lose_updates(client: redis.Redis, redis_url: 
     for thread in threads:
         thread.join()
     ratings = load_online(client)
-    assert client.scard(APPLIED_KEY) == len(votes)
+    assert client.zcard(APPLIED_KEY) == len(votes)
     # Order differs from arrival order, but Elo is zero-sum: every update was kept.
     assert sum(ratings.values()) == pytest.approx(1000.0 * len(ratings))
     assert set(ratings) == {"base", "p1", "p2"}

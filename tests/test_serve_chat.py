@@ -156,19 +156,32 @@ def test_vllm_unavailable_is_503_with_retry_after(settings):
 
 
 def _vllm_counters(vllm_url: str) -> tuple[float, float]:
-    """(requests finished for any reason, requests running) from vLLM's Prometheus metrics.
-    vLLM 0.32 does not count client aborts as finished, so an aborted request never shows."""
-    finished = running = 0.0
+    """(requests finished for any reason, requests running or waiting) from vLLM's Prometheus
+    metrics. vLLM 0.32 does not count client aborts as finished, so an aborted request never
+    shows."""
+    finished = busy = 0.0
     for line in httpx.get(f"{vllm_url}/metrics").text.splitlines():
         if line.startswith("vllm:request_success_total"):
             finished += float(line.rsplit(" ", 1)[1])
-        elif line.startswith("vllm:num_requests_running"):
-            running += float(line.rsplit(" ", 1)[1])
-    return finished, running
+        elif line.startswith(("vllm:num_requests_running", "vllm:num_requests_waiting")):
+            busy += float(line.rsplit(" ", 1)[1])
+    return finished, busy
+
+
+def _wait_until_idle(vllm_url: str, timeout_s: float = 60) -> float:
+    """Finished count once the shared server has nothing in flight (an earlier test's
+    generation finishing mid-test would otherwise be counted as ours)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        finished, busy = _vllm_counters(vllm_url)
+        if busy == 0:
+            return finished
+        assert time.monotonic() < deadline, "vLLM never went idle"
+        time.sleep(0.2)
 
 
 def test_client_disconnect_mid_stream_aborts_generation(gateway, vllm_server):
-    finished_before, _ = _vllm_counters(vllm_server.url)
+    finished_before = _wait_until_idle(vllm_server.url)
     with httpx.Client(timeout=30) as http, http.stream(
             "POST", f"{gateway.url}/v1/chat/completions",
             json={"model": "base", "messages": [{"role": "user", "content": "Go on"}],
@@ -177,12 +190,8 @@ def test_client_disconnect_mid_stream_aborts_generation(gateway, vllm_server):
         for i, _ in enumerate(response.iter_lines()):
             if i > 6:
                 break  # leave mid-stream: closing the connection is the disconnect
-    deadline = time.monotonic() + 20
-    while _vllm_counters(vllm_server.url)[1] > 0:
-        assert time.monotonic() < deadline, "the abandoned generation is still running"
-        time.sleep(0.2)
     # Had it run on, it would have finished (reason "length") and been counted.
-    assert _vllm_counters(vllm_server.url)[0] == finished_before
+    assert _wait_until_idle(vllm_server.url, timeout_s=20) == finished_before
 
 
 def test_rate_limit_is_429_with_retry_after(gateway_settings):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -36,6 +35,7 @@ from serve.versions import VersionView
 
 log = logging.getLogger("arena.gateway")
 STATIC_DIR = Path(__file__).parent / "static"
+BACKGROUND_STOP_S = 5.0  # how long shutdown waits for the background tasks to end
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -68,10 +68,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             watcher.cancel()
             syncer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
-            with contextlib.suppress(asyncio.CancelledError):
-                await syncer
+            # Bounded: a library call that swallows the cancellation (seen while the first
+            # replica sync pass was running) must not keep the gateway from stopping.
+            await asyncio.wait({watcher, syncer}, timeout=BACKGROUND_STOP_S)
             await gw.pool.close()
             await client.aclose()
 

@@ -29,6 +29,11 @@ from serve.state import GatewayState
 log = logging.getLogger("arena.gateway")
 router = APIRouter(route_class=StrictJSONRoute)
 SSE_MEDIA_TYPE = "text/event-stream"
+# One server-sent event (before OpenAPI 3.2 an event stream's `schema` describes each event):
+# its `data` line(s), and the `event` name where the route sends one (battles: a, b, done).
+SSE_EVENT_SCHEMA = {"type": "object", "required": ["data"],
+                    "properties": {"event": {"type": "string"}, "data": {"type": "string"},
+                                   "id": {"type": "string"}, "retry": {"type": "integer"}}}
 # The errors a route that calls the model server can answer (serve/upstream.py).
 UPSTREAM_ERRORS = (400, 404, 413, 422, 429, 502, 503, 504)
 
@@ -36,7 +41,7 @@ UPSTREAM_ERRORS = (400, 404, 413, 422, 429, 502, 503, 504)
 def answer_responses(description: str, model: type[BaseModel] | None = None) -> dict[int, Any]:
     """`responses=` of a route that answers JSON, or an SSE stream with `stream: true`."""
     ok: dict[str, Any] = {"description": description,
-                          "content": {SSE_MEDIA_TYPE: {"schema": {"type": "string"}}}}
+                          "content": {SSE_MEDIA_TYPE: {"schema": SSE_EVENT_SCHEMA}}}
     if model is not None:
         ok["model"] = model
     return {200: ok, **error_responses(*UPSTREAM_ERRORS)}

@@ -1,0 +1,108 @@
+"""Does PPO keep improving the policy iteration after iteration? (issue 11's policy link)
+
+Offline, on the tiny model: the SFT'd tiny base (learner.synthetic, writes " banana" in about a
+fifth of its answers), a reward model trained on votes of the hidden rule "the answer with
+banana wins", then PPO iterations each starting from the previous adapter, as the loop does
+(KL always against the frozen base). Printed per version: the share of sampled answers that
+say banana (what the crowd prefers) and the RM's mean score on banana / other answers (is the
+RM still separating them?), beside the base's in the same run.
+
+    .venv/bin/python benchmarks/ppo_iterations.py --seeds 3 --iterations 2
+    .venv/bin/python benchmarks/ppo_iterations.py --kl-coef 0.05 --steps 20
+
+~1 min per iteration and seed on 2 cores; run alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from arena.tiny_model import build_tiny_model
+from learner.policy_trainer import load_policy, save_adapter, train_policy
+from learner.presets import get_preset
+from learner.prompt_pool import PromptPool, load_shipped_prompts
+from learner.reward_model import train_reward_model
+from learner.rollout import TransformersRollout
+from learner.sequences import encode_prompt, pack
+from learner.synthetic import hidden_rule_votes, sft_tiny_base
+
+N_VOTES = 300
+EVAL_PROMPTS = 64  # the last prompts of the shipped set, two sampled answers each
+EVAL_SEEDS = (100, 101)
+BANANA = re.compile(r"\bbanana", flags=re.IGNORECASE)
+
+
+def measure(sft: Path, adapter: Path | None, reward, prompts: list[str]) -> dict[str, float]:
+    """Banana share of sampled answers, and the RM's mean score on banana / other answers."""
+    preset = get_preset("tiny").ppo
+    model, _, tokenizer = load_policy(sft, preset, adapter)
+    rollout = TransformersRollout(tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                  preset.max_new_tokens, preset.temperature)
+    prompt_ids = [encode_prompt(tokenizer, [{"role": "user", "content": p}],
+                                preset.max_prompt_tokens) for p in prompts]
+    has, scores = [], []
+    for seed in EVAL_SEEDS:
+        answers = rollout.generate(model, prompt_ids, seed=seed)
+        with torch.no_grad():
+            scores += reward.model.score(pack(prompt_ids, [list(a) for a in answers],
+                                              tokenizer.pad_token_id)).tolist()
+        has += [bool(BANANA.search(tokenizer.decode(a, skip_special_tokens=True)))
+                for a in answers]
+    on = [s for s, h in zip(scores, has, strict=True) if h]
+    off = [s for s, h in zip(scores, has, strict=True) if not h]
+    return {"banana": sum(has) / len(has),
+            "rm_banana": sum(on) / max(len(on), 1), "rm_other": sum(off) / max(len(off), 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--iterations", type=int, default=2)
+    parser.add_argument("--kl-coef", type=float, default=None, help="default: the tiny preset's")
+    parser.add_argument("--steps", type=int, default=None, help="default: the tiny preset's")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.WARNING)
+    tiny = get_preset("tiny")
+    overrides = {k: v for k, v in (("kl_coef", args.kl_coef), ("steps", args.steps))
+                 if v is not None}
+    prompts = load_shipped_prompts()
+    eval_prompts = prompts[-EVAL_PROMPTS:]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        base = build_tiny_model(root / "tiny")
+        sft = sft_tiny_base(base, root / "sft", prompts)
+        reward = train_reward_model(hidden_rule_votes(N_VOTES, prompts, seed=1), base,
+                                    tiny.reward)
+        print(f"RM held-out accuracy {reward.metrics['heldout_accuracy']:.2f}")
+        row = measure(sft, None, reward, eval_prompts)
+        print(f"base (SFT)   banana {row['banana']:.2f}  RM banana {row['rm_banana']:+.2f} "
+              f"other {row['rm_other']:+.2f}")
+        for seed in range(args.seeds):
+            preset = replace(tiny.ppo, seed=seed, **overrides)
+            parent: Path | None = None
+            for iteration in range(1, args.iterations + 1):
+                result = train_policy(
+                    sft, preset, reward.model.score, PromptPool(),
+                    lambda tok, p=preset: TransformersRollout(
+                        tok.eos_token_id, tok.pad_token_id, p.max_new_tokens, p.temperature),
+                    parent_adapter=parent)
+                parent = root / f"seed{seed}-v{iteration}"
+                save_adapter(result.model, result.value_head, parent)
+                m, row = result.metrics, measure(sft, parent, reward, eval_prompts)
+                print(f"seed {seed} v{iteration}  banana {row['banana']:.2f}  RM banana "
+                      f"{row['rm_banana']:+.2f} other {row['rm_other']:+.2f}  PPO reward "
+                      f"{m['reward_start']:+.2f} -> {m['reward_end']:+.2f}, KL "
+                      f"{m['kl_start']:.2f} -> {m['kl_end']:.2f} (step peak "
+                      f"{max(r['kl'] for r in result.history):.2f})", flush=True)
+
+
+if __name__ == "__main__":
+    main()

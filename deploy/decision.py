@@ -35,6 +35,7 @@ from typing import Any, Literal
 import redis
 
 from arena.settings import Settings
+from arena.text import as_str
 from deploy.registry import Registry, UnknownVersion, VersionRecord
 from deploy.states import TransitionError
 from elo.ratings_store import BTFit, load_fit
@@ -188,7 +189,7 @@ def board_from_fit(fit: BTFit | None) -> dict[str, Rating]:
 
 # --- state in Redis ----------------------------------------------------------------------
 def load_decisions(client: redis.Redis) -> dict[str, dict[str, Any]]:
-    return {_text(k): json.loads(v) for k, v in client.hgetall(DECISIONS_KEY).items()}
+    return {as_str(k): json.loads(v) for k, v in client.hgetall(DECISIONS_KEY).items()}
 
 
 def auto_promote_paused(client: redis.Redis) -> bool:
@@ -259,5 +260,3 @@ def _apply(registry: Registry, decision: Decision) -> None:
                           expected_current=decision.version)
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

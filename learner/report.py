@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from arena.settings import Settings
+from arena.text import as_str
 from learner.artifacts import list_versions, read_manifest
 
 log = logging.getLogger(__name__)
@@ -191,8 +192,6 @@ def read_evaluations(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     return records, problems
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
 
 
 def read_redis(client: Any) -> tuple[list[dict[str, Any]], dict[str, Any] | None,
@@ -209,9 +208,9 @@ def read_redis(client: Any) -> tuple[list[dict[str, Any]], dict[str, Any] | None
     decisions: dict[str, Any] = {}
     for version, raw in client.hgetall(DECISIONS_KEY).items():
         try:
-            decisions[_text(version)] = json.loads(raw)
+            decisions[as_str(version)] = json.loads(raw)
         except ValueError:
-            decisions[_text(version)] = _text(raw)
+            decisions[as_str(version)] = as_str(raw)
     return history, asdict(fit) if fit else None, states, decisions
 
 

@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = Field(
         None, description="Bearer token for operator actions (generated into the data dir if unset; empty is refused)."
     )
+    metrics_token: SecretStr | None = Field(
+        None, description="If set, GET /metrics needs 'Authorization: Bearer <token>' (Prometheus' scrape `authorization`); unset: open."
+    )
     session_secret: SecretStr | None = Field(
         None, description="Key that signs the arena_session cookie (generated if unset; empty is refused)."
     )
@@ -74,6 +77,9 @@ class Settings(BaseSettings):
     battle_ttl_s: int = Field(24 * 3600, description="How long a battle can be voted on.")
     battle_max_tokens: int = Field(256, description="Default answer length in a battle.")
     battle_temperature: float = Field(0.8, description="Sampling temperature of battle answers.")
+    identity_words: list[str] = Field(
+        default_factory=list, description="Words that name a model (JSON list); a battle whose answers contain one, or a version id, is flagged and its vote left out of ratings and training."
+    )
     rate_chat_per_session: int = Field(120, description="Chat requests/minute/session (0 = off).")
     rate_chat_per_ip: int = Field(1200, description="Chat requests/minute/IP (0 = off).")
     rate_battle_per_session: int = Field(60, description="Battles/minute/session (0 = off).")

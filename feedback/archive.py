@@ -29,7 +29,9 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    inspect,
     select,
+    text,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
@@ -59,6 +61,9 @@ votes = Table(
     Column("voted_at", Double, nullable=False, index=True),
     Column("archived_at", Double, nullable=False),
     Column("stream_entry_id", String),
+    # Why the vote does not count (comma-separated VoteRecord.flags; "" = it counts). Added
+    # after the first release: `Archive.create_tables` adds it to an older table.
+    Column("flags", String, nullable=False, server_default=""),
 )
 
 chat_turns = Table(
@@ -152,6 +157,26 @@ class Archive:
             # the loser's second look finds the tables.
             time.sleep(0.2)
             metadata.create_all(self.engine)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """Migrate an archive made by an older release: add the columns it lacks (their
+        server defaults fill the existing rows)."""
+        present = {c["name"] for c in inspect(self.engine).get_columns(votes.name)}
+        for column in votes.columns:
+            if column.name in present:
+                continue
+            kind = column.type.compile(self.engine.dialect)
+            default = column.server_default.arg if column.server_default is not None else None
+            clause = f" NOT NULL DEFAULT '{default}'" if default is not None else ""
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(text(f'ALTER TABLE {votes.name} ADD COLUMN "{column.name}" '
+                                      f"{kind}{clause}"))
+            except (OperationalError, ProgrammingError):  # another process added it first
+                if column.name not in {c["name"] for c in
+                                       inspect(self.engine).get_columns(votes.name)}:
+                    raise
 
     def close(self) -> None:
         self.engine.dispose()
@@ -181,6 +206,7 @@ class Archive:
                 "session": record.session, "battle_created_at": record.battle_created_at,
                 "voted_at": record.voted_at, "archived_at": now,
                 "stream_entry_id": entry_ids[i] if entry_ids is not None else None,
+                "flags": ",".join(record.flags),
             })
         if not rows:
             return 0
@@ -226,6 +252,7 @@ class Archive:
                     conversation_b=row["conversation_b"], answer_a=row["answer_a"],
                     answer_b=row["answer_b"], session=row["session"],
                     battle_created_at=row["battle_created_at"], voted_at=row["voted_at"],
+                    flags=[f for f in (row["flags"] or "").split(",") if f],
                 )
                 yield StoredVote(record, row["archived_at"], row["stream_entry_id"])
 
@@ -240,9 +267,11 @@ class Archive:
             return int(conn.execute(query).scalar_one())
 
     def pair_counts(self) -> list[PairCount]:
-        """Votes per (model_a, model_b, winner): all the Bradley-Terry refit needs."""
+        """Votes that count (no flag) per (model_a, model_b, winner): all the Bradley-Terry
+        refit needs."""
         query = (
             select(votes.c.model_a, votes.c.model_b, votes.c.winner, func.count())
+            .where(votes.c.flags == "")
             .group_by(votes.c.model_a, votes.c.model_b, votes.c.winner)
             .order_by(votes.c.model_a, votes.c.model_b, votes.c.winner)
         )

@@ -146,7 +146,8 @@ class Ranker(VoteConsumer):
         upgrade_seen_set(self.client, APPLIED_KEY)
 
     def process(self, entry_ids: Sequence[str], items: Sequence[VoteRecord]) -> None:
-        votes = [OnlineVote(r.vote_id, r.model_a, r.model_b, r.winner) for r in items]
+        votes = [OnlineVote(r.vote_id, r.model_a, r.model_b, r.winner) for r in items
+                 if r.counts]  # a flagged vote is archived but not rated
         apply_online_votes(self.client, votes, k=self.k)
 
 

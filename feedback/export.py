@@ -9,7 +9,8 @@ preference format (`prompt`, `chosen`, `rejected` as message lists), as JSON Lin
     outcome    a / b / tie / both_bad, on every record: filter on it before training
 
 plus battle_id, the models (model_a, model_b, chosen_model, rejected_model) and the
-battle_created_at / voted_at timestamps (ISO 8601, UTC). Sessions are not exported.
+battle_created_at / voted_at timestamps (ISO 8601, UTC), and `flags` (a vote with a flag is left
+out of ratings and training: feedback/identity.py). Sessions are not exported.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ def preference_record(record: VoteRecord) -> dict[str, Any]:
         "rejected_model": model[second],
         "battle_created_at": _iso(record.battle_created_at),
         "voted_at": _iso(record.voted_at),
+        "flags": list(record.flags),  # non-empty: left out of ratings and training
     }
 
 
@@ -88,6 +90,7 @@ def _write_parquet(records: Iterable[dict[str, Any]], output: Path) -> None:
         ("rejected", messages), ("outcome", pa.string()), ("model_a", pa.string()),
         ("model_b", pa.string()), ("chosen_model", pa.string()), ("rejected_model", pa.string()),
         ("battle_created_at", pa.string()), ("voted_at", pa.string()),
+        ("flags", pa.list_(pa.string())),
     ])
     with pq.ParquetWriter(output, schema) as writer:
         for batch in _batches(records, PARQUET_BATCH):

@@ -3,7 +3,10 @@ the archive, the ranker and the reward model. One JSON object per vote.
 
 `conversation_a` / `conversation_b` are the chat messages each side answered (identical for a
 one-turn battle; after follow-up turns each side has its own history), `answer_a` /
-`answer_b` the final answers being judged, `winner` one of a / b / tie / both_bad.
+`answer_b` the final answers being judged, `winner` one of a / b / tie / both_bad. `flags`
+name why a vote must not count (e.g. "identity": an answer named a version, so the voter may
+have known the sides); a flagged vote is archived and exported, but left out of the ratings
+and of reward-model training.
 """
 
 from __future__ import annotations
@@ -37,10 +40,16 @@ class VoteRecord:
     session: str
     battle_created_at: float
     voted_at: float = field(default_factory=time.time)
+    flags: list[str] = field(default_factory=list)
 
     @property
     def vote_id(self) -> str:
         return self.battle_id
+
+    @property
+    def counts(self) -> bool:
+        """Whether the vote counts in the ratings and in training (no flag)."""
+        return not self.flags
 
     def to_json(self) -> str:
         # A shallow dict of the fields: the same JSON as asdict(), without its deep copy of
@@ -61,6 +70,8 @@ class VoteRecord:
             raise MalformedVote(f"not a vote record: {error}") from error
         if record.winner not in WINNERS:
             raise MalformedVote(f"winner {record.winner!r} is not one of {WINNERS}")
+        if not isinstance(record.flags, list) or not all(isinstance(f, str) for f in record.flags):
+            raise MalformedVote("flags must be a list of strings")
         if not record.battle_id or not record.model_a or not record.model_b:
             raise MalformedVote("battle_id, model_a and model_b must be non-empty")
         return record

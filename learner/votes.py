@@ -65,15 +65,20 @@ class ArchiveVoteSource:
 
 
 def text_votes(records: list[VoteRecord]) -> list[VoteRecord]:
-    """The votes the learner can train on: conversations and answers of text. One vote
-    with other content (a list of parts, archived by an older gateway) would otherwise stop
-    every reward-model run at tokenisation; it is skipped and counted."""
-    kept = [r for r in records
+    """The votes the learner can train on: votes that count (no flag, see VoteRecord.flags),
+    with conversations and answers of text. One vote with other content (a list of parts,
+    archived by an older gateway) would otherwise stop every reward-model run at
+    tokenisation; it is skipped and counted."""
+    counting = [r for r in records if r.counts]
+    if len(counting) < len(records):
+        log.info("votes: left out %d of %d flagged votes", len(records) - len(counting),
+                 len(records))
+    kept = [r for r in counting
             if is_text_conversation(r.conversation_a) and is_text_conversation(r.conversation_b)
             and isinstance(r.answer_a, str) and isinstance(r.answer_b, str)]
-    if len(kept) < len(records):
+    if len(kept) < len(counting):
         log.warning("votes: skipped %d of %d votes whose content is not text",
-                    len(records) - len(kept), len(records))
+                    len(counting) - len(kept), len(counting))
     return kept
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -25,7 +26,7 @@ from deploy.registry import Registry
 from feedback.vote_stream import VoteAcceptor
 from serve import battles, chat, votes
 from serve.bodies import BodySizeLimit
-from serve.errors import error_responses, install_error_handlers
+from serve.errors import error_response, error_responses, install_error_handlers
 from serve.metrics import GatewayMetrics
 from serve.rate_limit import RateLimiter
 from serve.sessions import SessionMiddleware
@@ -128,6 +129,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/metrics", response_class=PlainTextResponse)  # Prometheus' text format
     async def metrics(request: Request) -> Response:
         gw: GatewayState = request.app.state.gateway
+        if settings.metrics_token is not None:
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            expected = settings.metrics_token.get_secret_value().encode()
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
+                                                                     expected):
+                return error_response(401, "/metrics needs 'Authorization: Bearer <token>' "
+                                           "(ARENA_METRICS_TOKEN of this deployment).",
+                                      "invalid_metrics_token", None,
+                                      {"WWW-Authenticate": "Bearer"})
         for figure, value in (await _feedback_figures(gw)).items():
             if isinstance(value, int | float):
                 gw.metrics.feedback.labels(figure).set(value)

@@ -253,7 +253,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     archive_turn(gw, turn)
     try:
         usage = json.loads(upstream.content).get("usage") or {}
-        gw.metrics.tokens.labels(record.id).inc(usage.get("completion_tokens", 0))
+        gw.metrics.tokens.labels("chat", record.id).inc(usage.get("completion_tokens", 0))
     except ValueError:
         pass
     return Response(upstream.content, media_type="application/json")
@@ -294,7 +294,7 @@ async def _stream(gw: GatewayState, payload: dict, turn: ChatTurn, adapter: str 
             # Runs on normal end and on client disconnect (the task is cancelled): closing
             # the upstream response makes vLLM abort the generation.
             await asyncio.shield(stack.aclose())
-            gw.metrics.tokens.labels(version).inc(chunks)
+            gw.metrics.tokens.labels("chat", version).inc(chunks)
             gw.metrics.latency.labels("chat", version).observe(time.perf_counter() - started)
 
     return DeadlineStreamingResponse(

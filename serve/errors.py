@@ -73,7 +73,18 @@ def error_response(status: int, message: str, code: str | None = None,
                         headers=headers)
 
 
-def _describe_validation(error: RequestValidationError) -> tuple[str, str | None]:
+UNKNOWN_FIELD = "unknown field; this route takes only its documented fields"
+# Why a route refuses fields that other routes take, by path prefix.
+UNKNOWN_FIELD_WHY = {
+    "/v1/battles": "not taken by battles: both sides sample with the server's settings and a "
+                   "random seed, so that no side can be identified before the vote; remove it",
+}
+
+
+def _describe_validation(error: RequestValidationError,
+                         path: str = "") -> tuple[str, str | None]:
+    unknown_field = next((why for prefix, why in UNKNOWN_FIELD_WHY.items()
+                          if path.startswith(prefix)), UNKNOWN_FIELD)
     parts, first_param = [], None
     for item in error.errors():
         if item.get("type") == "json_invalid":  # where the JSON broke is in its message
@@ -81,8 +92,7 @@ def _describe_validation(error: RequestValidationError) -> tuple[str, str | None
             continue
         location = ".".join(str(p) for p in item.get("loc", ()) if p != "body")
         first_param = first_param or location or None
-        message = ("unknown field; this route takes only its documented fields"
-                   if item.get("type") == "extra_forbidden" else item.get("msg"))
+        message = unknown_field if item.get("type") == "extra_forbidden" else item.get("msg")
         parts.append(f"{location or 'body'}: {message}")
     return "Invalid request body: " + "; ".join(parts), first_param
 
@@ -93,8 +103,8 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(exc.status, exc.message, exc.code, exc.param, exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _describe_validation(exc)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _describe_validation(exc, request.url.path)
         return error_response(422, message, "invalid_body", param)
 
     @app.exception_handler(StarletteHTTPException)

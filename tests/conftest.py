@@ -7,8 +7,10 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -324,3 +326,70 @@ def two_policies(registry, lora_adapters: list[Path]) -> list[str]:
                                    path=str(path)))
         ids.append(version)
     return ids
+
+
+# --- a model server that misbehaves on demand -------------------------------------------------
+class FakeModelServer:
+    """A model server that answers GETs (health, models) and, to a POST, either never
+    answers (`hang`) or streams without end (`flood`); `closed` is set once the gateway has
+    closed a flooded stream."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode, self.port = mode, free_port()
+        self.posted, self.closed, self.stop = (threading.Event(), threading.Event(),
+                                               threading.Event())
+        self.listener = socket.create_server(("127.0.0.1", self.port))
+        self.listener.settimeout(0.1)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _serve(self) -> None:
+        with self.listener:
+            while not self.stop.is_set():
+                try:
+                    conn, _ = self.listener.accept()
+                except TimeoutError:
+                    continue
+                threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        with conn:
+            request = conn.recv(65536)
+            if request.startswith(b"GET"):
+                body = b'{"object": "list", "data": []}'
+                conn.sendall(b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-type: "
+                             b"application/json\r\ncontent-length: %d\r\n\r\n%s"
+                             % (len(body), body))
+                return
+            self.posted.set()
+            if self.mode == "hang":
+                self.stop.wait()
+                return
+            # No content-length: the body runs until the connection closes.
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                         b"connection: close\r\n\r\n")
+            chunk = b'data: {"choices": [{"delta": {"content": "flood"}}]}\n\n' * 1000
+            conn.settimeout(0.1)
+            while not self.stop.is_set():
+                try:
+                    conn.sendall(chunk)
+                except TimeoutError:
+                    continue  # the gateway is not reading: try again
+                except OSError:
+                    self.closed.set()
+                    return
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+@pytest.fixture
+def fake_model_server(request) -> Iterator[FakeModelServer]:
+    server = FakeModelServer(request.param)
+    yield server
+    server.close()

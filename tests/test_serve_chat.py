@@ -218,7 +218,8 @@ def test_metrics_count_requests_and_tokens_per_version(gateway, two_policies):
         model="policy-v1", messages=[{"role": "user", "content": "x"}], max_tokens=5)
     text = httpx.get(f"{gateway.url}/metrics").text
     assert re.search(r'arena_requests_total\{route="chat",version="policy-v1"\} 1\.0', text)
-    assert re.search(r'arena_completion_tokens_total\{version="policy-v1"\} 5\.0', text)
+    assert re.search(r'arena_completion_tokens_total\{route="chat",version="policy-v1"\} 5\.0',
+                     text)
     assert "arena_request_seconds_bucket" in text
 
 

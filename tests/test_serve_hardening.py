@@ -9,7 +9,6 @@ import asyncio
 import json
 import logging
 import os
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ from pydantic import ValidationError
 
 from arena.secrets import ensure_secret
 from arena.settings import Settings
-from conftest import GatewayServer, free_port
+from conftest import GatewayServer
 from feedback.vote_record import VoteRecord
 from feedback.vote_stream import CHATS_STREAM
 from learner.prompt_pool import PromptPool
@@ -230,72 +229,6 @@ def test_secret_file_appears_whole_or_not_at_all(tmp_path: Path, monkeypatch):
 
 
 # --- 6. upstream timeouts and the total deadline -------------------------------------------
-class FakeModelServer:
-    """A model server that answers GETs (health, models) and, to a POST, either never
-    answers (`hang`) or streams without end (`flood`); `closed` is set once the gateway has
-    closed a flooded stream."""
-
-    def __init__(self, mode: str) -> None:
-        self.mode, self.port = mode, free_port()
-        self.posted, self.closed, self.stop = (threading.Event(), threading.Event(),
-                                               threading.Event())
-        self.listener = socket.create_server(("127.0.0.1", self.port))
-        self.listener.settimeout(0.1)
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def _serve(self) -> None:
-        with self.listener:
-            while not self.stop.is_set():
-                try:
-                    conn, _ = self.listener.accept()
-                except TimeoutError:
-                    continue
-                threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
-
-    def _answer(self, conn: socket.socket) -> None:
-        with conn:
-            request = conn.recv(65536)
-            if request.startswith(b"GET"):
-                body = b'{"object": "list", "data": []}'
-                conn.sendall(b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-type: "
-                             b"application/json\r\ncontent-length: %d\r\n\r\n%s"
-                             % (len(body), body))
-                return
-            self.posted.set()
-            if self.mode == "hang":
-                self.stop.wait()
-                return
-            # No content-length: the body runs until the connection closes.
-            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-                         b"connection: close\r\n\r\n")
-            chunk = b'data: {"choices": [{"delta": {"content": "flood"}}]}\n\n' * 1000
-            conn.settimeout(0.1)
-            while not self.stop.is_set():
-                try:
-                    conn.sendall(chunk)
-                except TimeoutError:
-                    continue  # the gateway is not reading: try again
-                except OSError:
-                    self.closed.set()
-                    return
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join()
-
-
-@pytest.fixture
-def fake_model_server(request) -> Iterator[FakeModelServer]:
-    server = FakeModelServer(request.param)
-    yield server
-    server.close()
-
-
 @pytest.mark.parametrize("fake_model_server", ["hang"], indirect=True)
 def test_upstream_timeouts_are_504_and_a_full_pool_503(settings, fake_model_server):
     server = GatewayServer(settings.model_copy(update={

@@ -278,6 +278,37 @@ class Archive:
         with self.engine.connect() as conn:
             return [PairCount(a, b, winner, int(n)) for a, b, winner, n in conn.execute(query)]
 
+    def session_data(self, session: str, limit: int) -> dict[str, Any]:
+        """One session's archived chat turns and votes (the newest `limit` of each), and how
+        many there are: what `GET /v1/session/data` shows its owner."""
+        turns_q = (select(chat_turns.c.turn_id, chat_turns.c.model, chat_turns.c.messages,
+                          chat_turns.c.created_at)
+                   .where(chat_turns.c.session == session)
+                   .order_by(chat_turns.c.created_at.desc()).limit(limit))
+        votes_q = (select(votes.c.vote_id, votes.c.model_a, votes.c.model_b, votes.c.winner,
+                          votes.c.conversation_a, votes.c.answer_a, votes.c.answer_b,
+                          votes.c.voted_at)
+                   .where(votes.c.session == session)
+                   .order_by(votes.c.voted_at.desc()).limit(limit))
+        with self.engine.connect() as conn:
+            n_turns = conn.execute(select(func.count()).select_from(chat_turns)
+                                   .where(chat_turns.c.session == session)).scalar_one()
+            n_votes = conn.execute(select(func.count()).select_from(votes)
+                                   .where(votes.c.session == session)).scalar_one()
+            return {"chat_turns": [dict(row) for row in conn.execute(turns_q).mappings()],
+                    "votes": [dict(row) for row in conn.execute(votes_q).mappings()],
+                    "n_chat_turns": int(n_turns), "n_votes": int(n_votes)}
+
+    def delete_session(self, session: str, until: float) -> tuple[int, int]:
+        """Delete one session's chat turns and votes made before `until`; returns how many
+        (chat turns, votes). One transaction."""
+        with self.engine.begin() as conn:
+            turns = conn.execute(chat_turns.delete().where(
+                chat_turns.c.session == session, chat_turns.c.created_at <= until)).rowcount
+            voted = conn.execute(votes.delete().where(
+                votes.c.session == session, votes.c.voted_at <= until)).rowcount
+        return int(turns), int(voted)
+
     def recent_prompts(self, limit: int) -> list[list[Message]]:
         """The newest distinct prompts (message lists), newest first: from archived chat
         turns and from the conversations of voted battles."""

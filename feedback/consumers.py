@@ -45,6 +45,7 @@ from deploy.registry import Registry
 from elo.ratings_store import APPLIED_KEY, OnlineVote, apply_online_votes
 from feedback.archive import Archive, ChatTurn
 from feedback.dead_letters import REPLAY_OF_FIELD
+from feedback.erasure import drop_erased
 from feedback.refit import refit_ratings
 from feedback.stream_consumer import (
     REDIS_TRANSIENT_ERRORS,
@@ -130,6 +131,11 @@ class Archiver(VoteConsumer):
         self.archive = archive
 
     def process(self, entry_ids: Sequence[str], items: Sequence[VoteRecord]) -> None:
+        kept = drop_erased(self.client, items, lambda r: r.session, lambda r: r.voted_at)
+        if len(kept) < len(items):  # votes of a session that asked for erasure meanwhile
+            kept_ids = {id(r) for r in kept}
+            entry_ids = [e for e, r in zip(entry_ids, items, strict=True) if id(r) in kept_ids]
+            items = kept
         new = self.archive.insert_votes(items, entry_ids)
         if new:
             self.client.incrby(ARCHIVED_COUNT_KEY, new)
@@ -285,7 +291,8 @@ class ChatArchiver(StreamConsumer[ChatTurn]):
         return turn
 
     def process(self, entry_ids: Sequence[str], items: Sequence[ChatTurn]) -> None:
-        self.archive.insert_chat_turns(items)
+        self.archive.insert_chat_turns(
+            drop_erased(self.client, items, lambda t: t.session, lambda t: t.created_at))
 
 
 # --- running them --------------------------------------------------------------------------

@@ -74,6 +74,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await asyncio.wait({watcher, syncer}, timeout=BACKGROUND_STOP_S)
             await gw.pool.close()
             await client.aclose()
+            if gw.archive is not None:
+                gw.archive.close()
 
     app = FastAPI(title="rlhf-arena gateway", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
@@ -153,7 +155,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 # The errors each optional router documents (OpenAI's body): the operator API's are listed
 # in deploy/admin_routes.py.
 OPTIONAL_ROUTERS = {"serve.leaderboard": (), "deploy.admin_routes": (400, 401, 404, 409, 422, 503),
-                    "serve.report_routes": ()}
+                    "serve.report_routes": (), "serve.session_data": ()}
 
 
 def _include_optional_routers(app: FastAPI) -> None:

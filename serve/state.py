@@ -27,6 +27,7 @@ class GatewayState:
     limiter: RateLimiter
     metrics: GatewayMetrics
     vote_acceptor: VoteAcceptor
+    archive: Any = None  # feedback.archive.Archive, opened on first use (serve/session_data.py)
     worker_ok: bool | None = None
     tasks: set[asyncio.Task] = field(default_factory=set)
 

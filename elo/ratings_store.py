@@ -31,12 +31,14 @@ from arena.text import as_str
 from elo.bradley_terry import BootstrapResult, PairCounts
 from elo.online_elo import DEFAULT_K, INITIAL_RATING, update
 from elo.outcomes import Outcome
+from elo.style_control import StyleFit
 
 ONLINE_KEY = "arena:ratings:online"
 APPLIED_KEY = "arena:ratings:online:applied"
 FIT_KEY = "arena:ratings:fit"
 PAIRS_KEY = "arena:ratings:pairs"
 HISTORY_KEY = "arena:ratings:history"
+STYLE_FIT_KEY = "arena:ratings:style"  # the style-controlled fit (elo/style_control.py)
 HISTORY_LIMIT = 10_000  # points kept (one per refit that saw new votes)
 WATCH_RETRIES = 50
 
@@ -197,6 +199,10 @@ def save_fit(
         pipe.execute()
 
 
+def save_style_fit(client: redis.Redis, fit: StyleFit) -> None:
+    client.set(STYLE_FIT_KEY, json.dumps(asdict(fit), separators=(",", ":")))
+
+
 def load_fit(client: redis.Redis) -> BTFit | None:
     raw = client.get(FIT_KEY)
     return BTFit.from_json(raw) if raw else None
@@ -218,11 +224,12 @@ def load_history(client: redis.Redis, limit: int | None = None) -> list[dict[str
 async def load_leaderboard(client: Any, history: int = 200) -> dict[str, Any]:
     """JSON-ready board for an HTTP route (`client` is a redis.asyncio.Redis): the latest
     fit (or None before the first), online ratings, and the last `history` points."""
-    raw_fit = await client.get(FIT_KEY)
+    raw_fit, raw_style = await client.mget(FIT_KEY, STYLE_FIT_KEY)
     online = _decode_hash(await client.hgetall(ONLINE_KEY))
     points = await client.lrange(HISTORY_KEY, -history, -1) if history else []
     return {
         "fit": asdict(BTFit.from_json(raw_fit)) if raw_fit else None,
+        "style": json.loads(raw_style) if raw_style else None,
         "online": online,
         "history": [json.loads(raw) for raw in points],
     }

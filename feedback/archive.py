@@ -37,6 +37,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
+from elo.style_control import STYLE_FEATURES, style_features
 from feedback.vote_record import Message, VoteRecord
 
 SQLITE_BUSY_TIMEOUT_S = 30.0
@@ -64,7 +65,13 @@ votes = Table(
     # Why the vote does not count (comma-separated VoteRecord.flags; "" = it counts). Added
     # after the first release: `Archive.create_tables` adds it to an older table.
     Column("flags", String, nullable=False, server_default=""),
+    # Each answer's style (elo/style_control.py), for the style-controlled ratings; filled
+    # from the answers for rows archived before these columns existed.
+    *(Column(name, Integer) for name in (f"{feature}_{side}" for side in "ab"
+                                         for feature in STYLE_FEATURES)),
 )
+STYLE_COLUMNS = [f"{feature}_{side}" for side in "ab" for feature in STYLE_FEATURES]
+BACKFILL_BATCH = 1000
 
 chat_turns = Table(
     "chat_turns",
@@ -137,6 +144,13 @@ def _make_engine(url: str) -> Engine:
     return engine
 
 
+def _style_values(answer_a: Any, answer_b: Any) -> dict[str, int]:
+    """The style columns of one vote (an answer that is not text has no style: zeros)."""
+    values = [*(style_features(answer_a) if isinstance(answer_a, str) else (0,) * 4),
+              *(style_features(answer_b) if isinstance(answer_b, str) else (0,) * 4)]
+    return dict(zip(STYLE_COLUMNS, values, strict=True))
+
+
 class Archive:
     """The archive database behind one SQLAlchemy URL (SQLite or PostgreSQL)."""
 
@@ -177,6 +191,20 @@ class Archive:
                 if column.name not in {c["name"] for c in
                                        inspect(self.engine).get_columns(votes.name)}:
                     raise
+        self._backfill_style()
+
+    def _backfill_style(self) -> None:
+        """Style features of rows archived before the style columns existed."""
+        missing = select(votes.c.vote_id, votes.c.answer_a, votes.c.answer_b).where(
+            votes.c[STYLE_COLUMNS[0]].is_(None)).limit(BACKFILL_BATCH)
+        while True:
+            with self.engine.begin() as conn:
+                rows = conn.execute(missing).all()
+                for vote_id, answer_a, answer_b in rows:
+                    conn.execute(votes.update().where(votes.c.vote_id == vote_id).values(
+                        _style_values(answer_a, answer_b)))
+            if len(rows) < BACKFILL_BATCH:
+                return
 
     def close(self) -> None:
         self.engine.dispose()
@@ -207,6 +235,7 @@ class Archive:
                 "voted_at": record.voted_at, "archived_at": now,
                 "stream_entry_id": entry_ids[i] if entry_ids is not None else None,
                 "flags": ",".join(record.flags),
+                **_style_values(record.answer_a, record.answer_b),
             })
         if not rows:
             return 0
@@ -308,6 +337,19 @@ class Archive:
             voted = conn.execute(votes.delete().where(
                 votes.c.session == session, votes.c.voted_at <= until)).rowcount
         return int(turns), int(voted)
+
+    def style_rows(self) -> tuple[list[tuple[str, str, str]], list[list[int]]]:
+        """Votes that count, one row each: (model_a, model_b, winner) and the style columns
+        (STYLE_COLUMNS order), for the style-controlled fit."""
+        query = (select(votes.c.model_a, votes.c.model_b, votes.c.winner,
+                        *(votes.c[name] for name in STYLE_COLUMNS))
+                 .where(votes.c.flags == ""))
+        keys, styles = [], []
+        with self.engine.connect() as conn:
+            for row in conn.execution_options(yield_per=ITER_BATCH).execute(query):
+                keys.append((row[0], row[1], row[2]))
+                styles.append([value or 0 for value in row[3:]])
+        return keys, styles
 
     def recent_prompts(self, limit: int) -> list[list[Message]]:
         """The newest distinct prompts (message lists), newest first: from archived chat

@@ -1,6 +1,7 @@
 """The ranker's periodic Bradley-Terry refit: pair counts from the archive (every vote ever
 archived, so the board of record never depends on stream order or redelivery), a fit with
-bootstrap confidence intervals, stored with a history point by elo/ratings_store.py."""
+bootstrap confidence intervals, stored with a history point by elo/ratings_store.py; beside it
+the style-controlled fit (elo/style_control.py) on the same votes."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import redis
 
 from elo.bradley_terry import DEFAULT_ANCHOR, PairCounts, bootstrap, count_pairs_coded
 from elo.outcomes import scores_for_a
-from elo.ratings_store import PAIRS_KEY, BTFit, pair_counts_to_json, save_fit
+from elo.ratings_store import PAIRS_KEY, BTFit, pair_counts_to_json, save_fit, save_style_fit
+from elo.style_control import StyleFit, bootstrap_style, normalised_difference, style_cells
 from feedback.archive import Archive, PairCount
 
 log = logging.getLogger("arena.feedback")
@@ -33,6 +35,23 @@ def counts_from_rows(rows: Sequence[PairCount]) -> PairCounts:
     score_a = np.repeat(scores_for_a([row.winner for row in rows]) if rows else np.zeros(0),
                         repeats)
     return count_pairs_coded(idx_a, idx_b, score_a, len(models), models)
+
+
+def style_fit(archive: Archive, rounds: int, seed: int = 0,
+              anchor: str | None = DEFAULT_ANCHOR) -> StyleFit | None:
+    """The style-controlled fit of the votes that count (None without any)."""
+    keys, styles = archive.style_rows()
+    if not keys:
+        return None
+    models = sorted({a for a, _, _ in keys} | {b for _, b, _ in keys})
+    index = {model: i for i, model in enumerate(models)}
+    style = np.asarray(styles, dtype=np.float64)
+    half = style.shape[1] // 2  # the a columns, then the b columns
+    cells = style_cells(np.array([index[a] for a, _, _ in keys]),
+                        np.array([index[b] for _, b, _ in keys]),
+                        scores_for_a([w for _, _, w in keys]),
+                        normalised_difference(style[:, :half], style[:, half:]), models)
+    return bootstrap_style(cells, rounds=rounds, seed=seed, anchor=anchor)
 
 
 def refit_ratings(client: redis.Redis, archive: Archive, rounds: int, seed: int = 0,
@@ -54,6 +73,9 @@ def refit_ratings(client: redis.Redis, archive: Archive, rounds: int, seed: int 
         result = bootstrap(counts, rounds=rounds, seed=seed, anchor=pinned)
         fit = BTFit.from_bootstrap(result, counts, pinned)
         save_fit(client, fit, counts)
+        style = style_fit(archive, rounds, seed, pinned)
+        if style is not None:
+            save_style_fit(client, style)
     finally:
         client.delete(REFIT_LOCK_KEY)
     ranked = sorted(fit.ratings.items(), key=lambda item: -item[1])

@@ -1,4 +1,5 @@
-"""GET /v1/leaderboard (versions with rating, 95 % CI, rank, battles, win rate vs base, state),
+"""GET /v1/leaderboard (versions with rating, 95 % CI, rank, battles, win rate vs base, state,
+and the style-controlled rating with its CI under `style`),
 its history as JSON and as a chart. Ratings are refitted by the ranker (feedback/), never on
 the request path: these routes only read what it stored."""
 
@@ -26,6 +27,9 @@ async def leaderboard(request: Request) -> dict[str, Any]:
     fit = board["fit"] or {}
     ratings, lower, upper = fit.get("ratings", {}), fit.get("lower", {}), fit.get("upper", {})
     ranks = rank_with_ci(ratings, lower, upper) if ratings else {}
+    style = board["style"] or {}
+    s_ratings, s_lower, s_upper = (style.get(k, {}) for k in ("ratings", "lower", "upper"))
+    s_ranks = rank_with_ci(s_ratings, s_lower, s_upper) if s_ratings else {}
     rows = []
     for record in await gw.versions.all():
         if record.kind == "reward":
@@ -37,11 +41,17 @@ async def leaderboard(request: Request) -> dict[str, Any]:
             "battles": fit.get("battles", {}).get(record.id, 0),
             "win_rate_vs_base": fit.get("win_rate_vs_base", {}).get(record.id),
             "online_elo": board["online"].get(record.id),
+            # The rating with the answers' style held equal (length, headers, lists, bold).
+            "style": {"rating": s_ratings.get(record.id), "ci_lower": s_lower.get(record.id),
+                      "ci_upper": s_upper.get(record.id), "rank": s_ranks.get(record.id)},
         })
     rows.sort(key=lambda r: (r["rating"] is None, -(r["rating"] or 0.0), r["id"]))
     return {"object": "list", "data": rows, "n_votes": fit.get("n_votes", 0),
             "fitted_at": fit.get("fitted_at"), "bootstrap_rounds": fit.get("rounds"),
-            "anchor": fit.get("anchor")}
+            "anchor": fit.get("anchor"),
+            "style": {"coefficients": style.get("coefficients"),
+                      "coefficient_ci": style.get("coefficient_ci"),
+                      "n_votes": style.get("n_votes", 0)}}
 
 
 @router.get("/v1/leaderboard/history", responses=error_responses(422))

@@ -1,0 +1,99 @@
+"""Anomalous voters (issue 14): the online score (pure logic) and the scorer on a real Redis
+and archive: random and always-"a" voters are flagged, honest ones are not; flagged votes are
+kept but leave the Bradley-Terry counts and the reward model's votes."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import redis
+
+from feedback.archive import Archive
+from feedback.vote_record import VoteRecord
+from feedback.voter_anomaly import VoterStats, add_vote, anomaly_score, is_flagged, outcome_rates
+from feedback.voter_scores import score_votes
+
+USER = [{"role": "user", "content": "Q?"}]
+
+
+def votes_of(choose, n: int, rng: random.Random) -> VoterStats:
+    """`n` votes on a lopsided pair (the favourite wins 70 %, loses 20 %, ties 10 % with the
+    crowd), shown on a random side each time; choose(rng, favourite_side) -> winner."""
+    stats = VoterStats()
+    for i in range(n):
+        side = rng.choice("ab")
+        rates = outcome_rates(70, 20, 9, 1) if side == "a" else outcome_rates(20, 70, 9, 1)
+        add_vote(stats, choose(rng, side), rates, reading_s=10.0, words=40,
+                 voted_at=100.0 + 10 * i)
+    return stats
+
+
+def other(side: str) -> str:
+    return "b" if side == "a" else "a"
+
+
+def honest(rng: random.Random, favourite: str) -> str:
+    return rng.choices([favourite, other(favourite), "tie", "both_bad"],
+                       weights=[70, 20, 9, 1])[0]
+
+
+def test_rates_need_an_established_pair():
+    assert outcome_rates(10, 5, 0, 0) is None
+    rates = outcome_rates(70, 20, 10, 0)
+    assert rates is not None and abs(sum(rates) - 1) < 1e-12 and rates[0] > rates[1]
+
+
+def test_honest_voters_are_not_flagged_and_stuffers_are():
+    rng = random.Random(0)
+    honest_scores = [anomaly_score(votes_of(honest, 40, rng)) for _ in range(300)]
+    assert sum(is_flagged(s) for s in honest_scores) <= 3  # p < 0.001 each, two tests
+    at_random = [anomaly_score(votes_of(lambda r, f: r.choice(["a", "b", "tie", "both_bad"]), 40, rng))
+                 for _ in range(20)]
+    against = [anomaly_score(votes_of(lambda r, f: other(f), 40, rng)) for _ in range(20)]
+    always_a = [anomaly_score(votes_of(lambda r, f: "a", 40, rng)) for _ in range(20)]
+    assert all(is_flagged(s) for s in against + always_a)
+    assert sum(is_flagged(s) for s in at_random) >= 16
+
+
+def test_speed_and_bursts_only_add():
+    rng = random.Random(1)
+    stats = VoterStats()
+    for i in range(40):  # instant votes, 0.1 s apart, on an even pair: fast but honest
+        add_vote(stats, rng.choice(["a", "b"]), outcome_rates(50, 50, 0, 0), reading_s=0.01,
+                 words=200, voted_at=100.0 + 0.1 * i)
+    assert stats.fast == 40 and stats.bursts == 39
+    slow = VoterStats(**{**stats.to_dict(), "fast": 0, "bursts": 0})
+    assert anomaly_score(slow) < anomaly_score(stats) < anomaly_score(slow) + 0.51
+    assert not is_flagged(anomaly_score(stats))
+
+
+def record(i: int, session: str, model_a: str, model_b: str, winner: str) -> VoteRecord:
+    return VoteRecord(battle_id=f"{session}-{i}", model_a=model_a, model_b=model_b,
+                      winner=winner, conversation_a=USER, conversation_b=USER,
+                      answer_a="A.", answer_b="B.", session=session, battle_created_at=1.0,
+                      voted_at=2.0 + i)
+
+
+def test_scorer_flags_stuffers_and_the_archive_leaves_their_votes_out(redis_url: str,
+                                                                      tmp_path: Path):
+    client = redis.Redis.from_url(redis_url)
+    archive = Archive(f"sqlite:///{tmp_path / 'a.db'}")
+    rng = random.Random(2)
+    records = []
+    for i in range(1200):  # 30 honest voters: policy-v1 beats base 3 times in 4
+        v1_first = rng.random() < 0.5
+        pair = ("policy-v1", "base") if v1_first else ("base", "policy-v1")
+        v1_wins = rng.random() < 0.75
+        winner = "a" if v1_wins == v1_first else "b"
+        records.append(record(i, f"honest{i % 30}", *pair, winner))
+    for i in range(40):  # then one voter who always says "a", one who always backs base
+        pair = ("policy-v1", "base") if i % 2 else ("base", "policy-v1")
+        records.append(record(2000 + i, "always-a", *pair, "a"))
+        records.append(record(3000 + i, "contrarian", *pair, "a" if pair[0] == "base" else "b"))
+    scores: dict[str, float] = {}
+    for start in range(0, len(records), 100):  # as the consumer sees them: in batches
+        scores.update(score_votes(client, records[start:start + 100]))
+    assert score_votes(client, records[:100]) == {}  # a redelivered batch changes nothing
+    flagged = {s for s, score in scores.items() if is_flagged(score)}
+    assert flagged == {"always-a", "contrarian"}

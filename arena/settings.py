@@ -77,6 +77,12 @@ class Settings(BaseSettings):
     battle_ttl_s: int = Field(24 * 3600, description="How long a battle can be voted on.")
     battle_max_tokens: int = Field(256, description="Default answer length in a battle.")
     battle_temperature: float = Field(0.8, description="Sampling temperature of battle answers.")
+    flagged_votes: Literal["exclude", "downweight", "keep"] = Field(
+        "exclude", description="Votes of sessions the voter scorer flags: left out of the Bradley-Terry fit and the reward model's data, down-weighted (flagged_vote_weight), or kept; always archived."
+    )
+    flagged_vote_weight: float = Field(
+        0.1, ge=0.0, le=1.0, description="Weight of a flagged session's vote with flagged_votes=downweight (the reward model keeps that share of them)."
+    )
     identity_words: list[str] = Field(
         default_factory=list, description="Words that name a model (JSON list); a battle whose answers contain one, or a version id, is flagged and its vote left out of ratings and training."
     )

@@ -31,7 +31,7 @@ from dataclasses import asdict
 from typing import Any, Literal
 
 import redis
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
@@ -41,6 +41,7 @@ from deploy.adapter_check import AdapterRefused
 from deploy.decision import auto_promote_paused, set_auto_promote_paused
 from deploy.registry import Registry, UnknownVersion, VersionRecord
 from deploy.states import TransitionError
+from feedback.voter_scores import top_voters
 from serve.errors import APIError
 from serve.state import GatewayState
 
@@ -222,3 +223,15 @@ async def auto_promote_control(action: Literal["pause", "resume"], request: Requ
     registry.audit(f"auto-promote-{action}", None, actor=actor, before=f"paused={before}",
                    after=f"paused={action == 'pause'}")
     return await _learner_status(request)
+
+
+@router.get("/voters")
+async def list_voters(request: Request, limit: int = Query(100, ge=1, le=10_000)
+                      ) -> dict[str, Any]:
+    """The sessions with the highest anomaly scores (feedback/voter_anomaly.py), flagged or
+    not, with what the score is made of, and what the ratings and the learner do with the
+    flagged sessions' votes (settings `flagged_votes`)."""
+    gw = _gateway(request)
+    return {"object": "list", "data": await top_voters(gw.redis, limit),
+            "flagged_votes": gw.settings.flagged_votes,
+            "flagged_vote_weight": gw.settings.flagged_vote_weight}

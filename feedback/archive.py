@@ -14,10 +14,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     Column,
     Double,
     Engine,
@@ -83,6 +84,24 @@ chat_turns = Table(
     Column("messages", JSONColumn, nullable=False),
     Column("created_at", Double, nullable=False, index=True),
 )
+
+
+# Each scored session's anomaly score (feedback/voter_scores.py). Its votes stay in `votes`;
+# what a flag changes is which of them the ratings and the reward model count.
+voters = Table(
+    "voters",
+    metadata,
+    Column("session", String, primary_key=True),
+    Column("score", Double, nullable=False),
+    Column("flagged", Boolean, nullable=False),
+    Column("votes", Integer, nullable=False),
+    Column("updated_at", Double, nullable=False),
+)
+FlaggedVotes = Literal["exclude", "downweight", "keep"]
+
+
+def _flagged_sessions() -> Any:
+    return select(voters.c.session).where(voters.c.flagged.is_(True))
 
 
 @dataclass(frozen=True)
@@ -255,6 +274,26 @@ class Archive:
         with self.engine.begin() as conn:
             return len(conn.execute(statement, list(rows.values())).all())
 
+    def upsert_voters(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Insert or update sessions' scores (keys: session, score, flagged, votes,
+        updated_at)."""
+        if not rows:
+            return
+        dialect = postgresql if self.dialect == "postgresql" else sqlite
+        statement = dialect.insert(voters)
+        statement = statement.on_conflict_do_update(
+            index_elements=[voters.c.session],
+            set_={name: statement.excluded[name] for name in
+                  ("score", "flagged", "votes", "updated_at")})
+        with self.engine.begin() as conn:
+            conn.execute(statement, list(rows))
+
+    def flagged_voters(self) -> dict[str, float]:
+        """Flagged sessions and their scores."""
+        with self.engine.connect() as conn:
+            return {session: score for session, score in conn.execute(
+                select(voters.c.session, voters.c.score).where(voters.c.flagged.is_(True)))}
+
     # --- reads -------------------------------------------------------------------------
     def count(self) -> int:
         """Archived votes."""
@@ -265,9 +304,13 @@ class Archive:
         with self.engine.connect() as conn:
             return int(conn.execute(select(func.count()).select_from(chat_turns)).scalar_one())
 
-    def iter_votes(self, since: TimeBound = None, until: TimeBound = None) -> Iterator[StoredVote]:
-        """Votes with since <= voted_at < until, oldest first, streamed in batches."""
+    def iter_votes(self, since: TimeBound = None, until: TimeBound = None,
+                   without_flagged_voters: bool = False) -> Iterator[StoredVote]:
+        """Votes with since <= voted_at < until, oldest first, streamed in batches (without
+        those of flagged sessions if asked)."""
         query = select(votes).order_by(votes.c.voted_at, votes.c.vote_id)
+        if without_flagged_voters:
+            query = query.where(votes.c.session.not_in(_flagged_sessions()))
         if (start := _epoch(since)) is not None:
             query = query.where(votes.c.voted_at >= start)
         if (end := _epoch(until)) is not None:
@@ -295,15 +338,19 @@ class Archive:
         with self.engine.connect() as conn:
             return int(conn.execute(query).scalar_one())
 
-    def pair_counts(self) -> list[PairCount]:
+    def pair_counts(self, flagged_voters: bool | None = None) -> list[PairCount]:
         """Votes that count (no flag) per (model_a, model_b, winner): all the Bradley-Terry
-        refit needs."""
+        refit needs. `flagged_voters`: None counts every session, False leaves the flagged
+        sessions out, True counts only theirs."""
         query = (
             select(votes.c.model_a, votes.c.model_b, votes.c.winner, func.count())
             .where(votes.c.flags == "")
             .group_by(votes.c.model_a, votes.c.model_b, votes.c.winner)
             .order_by(votes.c.model_a, votes.c.model_b, votes.c.winner)
         )
+        if flagged_voters is not None:
+            flagged = votes.c.session.in_(_flagged_sessions())
+            query = query.where(flagged if flagged_voters else ~flagged)
         with self.engine.connect() as conn:
             return [PairCount(a, b, winner, int(n)) for a, b, winner, n in conn.execute(query)]
 
@@ -338,12 +385,15 @@ class Archive:
                 votes.c.session == session, votes.c.voted_at <= until)).rowcount
         return int(turns), int(voted)
 
-    def style_rows(self) -> tuple[list[tuple[str, str, str]], list[list[int]]]:
+    def style_rows(self, without_flagged_voters: bool = False
+                   ) -> tuple[list[tuple[str, str, str]], list[list[int]]]:
         """Votes that count, one row each: (model_a, model_b, winner) and the style columns
         (STYLE_COLUMNS order), for the style-controlled fit."""
         query = (select(votes.c.model_a, votes.c.model_b, votes.c.winner,
                         *(votes.c[name] for name in STYLE_COLUMNS))
                  .where(votes.c.flags == ""))
+        if without_flagged_voters:
+            query = query.where(votes.c.session.not_in(_flagged_sessions()))
         keys, styles = [], []
         with self.engine.connect() as conn:
             for row in conn.execution_options(yield_per=ITER_BATCH).execute(query):

@@ -64,12 +64,14 @@ from feedback.vote_stream import (
     RECORD_FIELD,
     VOTES_STREAM,
 )
+from feedback.voter_scores import APPLIED_KEY as VOTERS_APPLIED_KEY
+from feedback.voter_scores import current_scores, record_scores, score_votes
 
 log = logging.getLogger("arena.feedback")
 
-ARCHIVER, RANKER, LEARNER_TRIGGER, CHAT_ARCHIVER = (
-    "archiver", "ranker", "learner-trigger", "chat-archiver")
-ALL_CONSUMERS = (ARCHIVER, RANKER, LEARNER_TRIGGER, CHAT_ARCHIVER)
+ARCHIVER, RANKER, LEARNER_TRIGGER, CHAT_ARCHIVER, VOTER_SCORER = (
+    "archiver", "ranker", "learner-trigger", "chat-archiver", "voter-scorer")
+ALL_CONSUMERS = (ARCHIVER, RANKER, LEARNER_TRIGGER, CHAT_ARCHIVER, VOTER_SCORER)
 
 LEARNER_COUNTED_KEY = "arena:learner:counted"  # zset: vote ids counted, scored by when
 LEARNER_LAST_TRIGGER_KEY = "arena:learner:last_trigger"
@@ -155,6 +157,24 @@ class Ranker(VoteConsumer):
         votes = [OnlineVote(r.vote_id, r.model_a, r.model_b, r.winner) for r in items
                  if r.counts]  # a flagged vote is archived but not rated
         apply_online_votes(self.client, votes, k=self.k)
+
+
+class VoterScorer(VoteConsumer):
+    """Each session's anomaly score, vote by vote (feedback/voter_scores.py), copied to the
+    archive's `voters` table for the refit and the learner."""
+
+    transient_errors = REDIS_TRANSIENT_ERRORS + DB_TRANSIENT_ERRORS
+
+    def __init__(self, client: redis.Redis, archive: Archive, config: ConsumerConfig,
+                 name: str | None = None) -> None:
+        super().__init__(client, VOTER_SCORER, config, name)
+        self.archive = archive
+
+    def process(self, entry_ids: Sequence[str], items: Sequence[VoteRecord]) -> None:
+        scores = score_votes(self.client, items)
+        # Also the sessions of votes scored before (a redelivery after the archive failed).
+        record_scores(self.client, self.archive,
+                      {**current_scores(self.client, [r.session for r in items]), **scores})
 
 
 Trigger = Callable[[Settings], Any]
@@ -324,6 +344,8 @@ def run_consumers(
         consumers.append(LearnerTrigger(client, settings, config, trigger))
     if CHAT_ARCHIVER in names:
         consumers.append(ChatArchiver(client, archive, config))
+    if VOTER_SCORER in names:
+        consumers.append(VoterScorer(client, archive, config))
 
     restore = _stop_on_signals(stop)
     threads = [threading.Thread(target=_consume_loop, args=(c, stop), name=c.group, daemon=True)
@@ -393,7 +415,9 @@ def _periodic_loop(settings: Settings, client: redis.Redis, archive: Archive, re
         try:
             if refit and now >= next_refit:
                 next_refit = now + settings.refit_every_s
-                refit_ratings(client, archive, settings.bt_bootstrap_rounds)
+                refit_ratings(client, archive, settings.bt_bootstrap_rounds,
+                              flagged_votes=settings.flagged_votes,
+                              flagged_weight=settings.flagged_vote_weight)
                 apply_decisions(client, registry, settings)
             if now >= next_housekeeping:
                 next_housekeeping = now + HOUSEKEEPING_EVERY_S
@@ -411,7 +435,7 @@ def housekeeping(client: redis.Redis, archive: Archive, settings: Settings) -> N
     trim_acknowledged(client, VOTES_STREAM, required_groups=(ARCHIVER,))
     trim_acknowledged(client, CHATS_STREAM, required_groups=(CHAT_ARCHIVER,))
     forget_before = time.time() - settings.stream_dedup_ttl_s
-    for key in (APPLIED_KEY, LEARNER_COUNTED_KEY):
+    for key in (APPLIED_KEY, LEARNER_COUNTED_KEY, VOTERS_APPLIED_KEY):
         upgrade_seen_set(client, key)
         client.zremrangebyscore(key, "-inf", f"({forget_before!r}")
     for stream in (VOTES_STREAM, CHATS_STREAM):

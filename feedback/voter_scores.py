@@ -103,6 +103,15 @@ def score_votes(client: redis.Redis, records: Sequence[VoteRecord]) -> dict[str,
     raise RuntimeError(f"voter scores stayed contended for {WATCH_RETRIES} attempts")
 
 
+def current_scores(client: redis.Redis, sessions: Sequence[str]) -> dict[str, float]:
+    """The stored scores of these sessions (those that have one)."""
+    unique = list(dict.fromkeys(sessions))
+    if not unique:
+        return {}
+    return {s: score for s, score in zip(unique, client.zmscore(SCORES_KEY, unique), strict=True)
+            if score is not None}
+
+
 def record_scores(client: redis.Redis, archive: Archive, scores: dict[str, float]) -> None:
     """Copy the scores to the archive (what the refit and the learner read)."""
     if not scores:
@@ -114,12 +123,13 @@ def record_scores(client: redis.Redis, archive: Archive, scores: dict[str, float
         for (session, score), raw in zip(scores.items(), stats, strict=True)])
 
 
-def top_voters(client: redis.Redis, limit: int = 100) -> list[dict[str, Any]]:
-    """The highest-scoring sessions with their sums, for `GET /admin/voters`."""
-    ranked = client.zrevrange(SCORES_KEY, 0, max(limit, 1) - 1, withscores=True)
+async def top_voters(client: Any, limit: int = 100) -> list[dict[str, Any]]:
+    """The highest-scoring sessions with their sums, for `GET /admin/voters` (`client`: a
+    redis.asyncio.Redis)."""
+    ranked = await client.zrevrange(SCORES_KEY, 0, max(limit, 1) - 1, withscores=True)
     if not ranked:
         return []
-    raws = client.mget([STATS_KEY.format(session=as_str(s)) for s, _ in ranked])
+    raws = await client.mget([STATS_KEY.format(session=as_str(s)) for s, _ in ranked])
     return [{"session": as_str(session), "score": round(score, 3), "flagged": is_flagged(score),
              **(json.loads(raw) if raw else {})}
             for (session, score), raw in zip(ranked, raws, strict=True)]

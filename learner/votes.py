@@ -4,6 +4,7 @@ the same record format; used by tests and before an archive exists)."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,18 +51,34 @@ class JsonlVoteSource:
 @dataclass
 class ArchiveVoteSource:
     url: str
+    flagged_votes: str = "exclude"  # the sessions the voter scorer flagged (settings)
+    flagged_weight: float = 0.1
 
     def votes(self, until: float | None = None) -> list[VoteRecord]:
         from feedback.archive import Archive
 
         archive = Archive(self.url)
         try:
-            return text_votes([stored.record for stored in archive.iter_votes(until=until)])
+            records = [stored.record for stored in archive.iter_votes(until=until)]
+            flagged = archive.flagged_voters() if self.flagged_votes != "keep" else {}
         finally:
             archive.close()
+        kept = [r for r in records if r.session not in flagged or (
+            self.flagged_votes == "downweight" and _kept_share(r.vote_id) < self.flagged_weight)]
+        if len(kept) < len(records):
+            log.info("votes: left out %d votes of %d flagged sessions (%s)",
+                     len(records) - len(kept), len(flagged), self.flagged_votes)
+        return text_votes(kept)
 
     def describe(self) -> str:
         return "archive"
+
+
+def _kept_share(vote_id: str) -> float:
+    """A stable number in [0, 1) per vote: a down-weighted vote is kept when it is below the
+    weight, so the reward model trains on that share of a flagged session's votes, the same
+    ones run after run."""
+    return int(hashlib.sha256(vote_id.encode()).hexdigest()[:8], 16) / 2**32
 
 
 def text_votes(records: list[VoteRecord]) -> list[VoteRecord]:
@@ -93,7 +110,8 @@ def vote_source(settings: Any, votes_jsonl: str | Path | None = None) -> VoteSou
     path = votes_jsonl or getattr(settings, "learner_votes_jsonl", None)
     if path:
         return JsonlVoteSource(Path(path))
-    return ArchiveVoteSource(settings.effective_archive_url)
+    return ArchiveVoteSource(settings.effective_archive_url,
+                             settings.flagged_votes, settings.flagged_vote_weight)
 
 
 def data_range(records: list[VoteRecord], source: str, until: float | None) -> dict[str, Any]:

@@ -7,12 +7,15 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import pytest
 import redis
 
 from feedback.archive import Archive
+from feedback.refit import archive_counts, refit_ratings
 from feedback.vote_record import VoteRecord
 from feedback.voter_anomaly import VoterStats, add_vote, anomaly_score, is_flagged, outcome_rates
-from feedback.voter_scores import score_votes
+from feedback.voter_scores import record_scores, score_votes
+from learner.votes import ArchiveVoteSource
 
 USER = [{"role": "user", "content": "Q?"}]
 
@@ -47,8 +50,9 @@ def test_rates_need_an_established_pair():
 def test_honest_voters_are_not_flagged_and_stuffers_are():
     rng = random.Random(0)
     honest_scores = [anomaly_score(votes_of(honest, 40, rng)) for _ in range(300)]
-    assert sum(is_flagged(s) for s in honest_scores) <= 3  # p < 0.001 each, two tests
-    at_random = [anomaly_score(votes_of(lambda r, f: r.choice(["a", "b", "tie", "both_bad"]), 40, rng))
+    assert sum(is_flagged(s) for s in honest_scores) <= 3  # p < 0.001 each
+    buttons = ["a", "b", "tie", "both_bad"]
+    at_random = [anomaly_score(votes_of(lambda r, f: r.choice(buttons), 40, rng))
                  for _ in range(20)]
     against = [anomaly_score(votes_of(lambda r, f: other(f), 40, rng)) for _ in range(20)]
     always_a = [anomaly_score(votes_of(lambda r, f: "a", 40, rng)) for _ in range(20)]
@@ -97,3 +101,45 @@ def test_scorer_flags_stuffers_and_the_archive_leaves_their_votes_out(redis_url:
     assert score_votes(client, records[:100]) == {}  # a redelivered batch changes nothing
     flagged = {s for s, score in scores.items() if is_flagged(score)}
     assert flagged == {"always-a", "contrarian"}
+
+    # The archive keeps every vote; the ratings and the reward model leave the flagged out.
+    archive.insert_votes(records)
+    record_scores(client, archive, scores)
+    assert set(archive.flagged_voters()) == flagged and archive.count() == 1280
+    assert sum(r.n for r in archive.pair_counts()) == 1280
+    assert sum(r.n for r in archive.pair_counts(flagged_voters=False)) == 1200
+    light = archive_counts(archive, "downweight", 0.1)
+    assert light.n_votes == pytest.approx(1200 + 0.1 * 80)
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    assert len(ArchiveVoteSource(url, "exclude").votes()) == 1200
+    assert len(ArchiveVoteSource(url, "keep").votes()) == 1280
+    assert 1200 < len(ArchiveVoteSource(url, "downweight", 0.5).votes()) < 1280
+    fit = refit_ratings(client, archive, rounds=10, flagged_votes="exclude")
+    assert fit.n_votes == 1200
+
+
+def test_operators_see_the_flagged_voters(settings):
+    import httpx
+
+    from conftest import GatewayServer
+
+    client = redis.Redis.from_url(settings.effective_redis_url)
+    pair = [("policy-v1", "base"), ("base", "policy-v1")]
+    honest_votes = [record(i, f"h{i % 5}", *pair[i % 2], "a" if i % 2 == 0 else "b")
+                    for i in range(200)]  # policy-v1 always wins, whichever side
+    stuffed = [record(500 + i, "stuffer", *pair[i % 2], "a") for i in range(30)]
+    score_votes(client, honest_votes)
+    score_votes(client, stuffed)
+    server = GatewayServer(settings.model_copy(update={"vllm_urls": ["http://127.0.0.1:9"],
+                                                       "replica_sync_interval_s": 3600.0}))
+    try:
+        assert httpx.get(f"{server.url}/admin/voters").status_code == 401
+        listed = httpx.get(f"{server.url}/admin/voters", headers={
+            "Authorization": "Bearer test-admin-token"}).json()
+    finally:
+        server.stop()
+    rows = {row["session"]: row for row in listed["data"]}
+    assert listed["data"][0]["session"] == "stuffer" and rows["stuffer"]["flagged"]
+    assert rows["stuffer"]["side_a"] == rows["stuffer"]["decisive"] == 30  # what it is made of
+    assert not any(rows[f"h{i}"]["flagged"] for i in range(5))
+    assert listed["flagged_votes"] == "exclude"

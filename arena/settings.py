@@ -109,7 +109,7 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Base URLs of vLLM replicas (JSON list); empty = the one the launcher starts.",
     )
-    vllm_dtype: str = Field("bfloat16", description="vLLM --dtype (bfloat16 is ~40 % faster than float32 on CPU).")
+    vllm_dtype: str = Field("auto", description="vLLM --dtype; auto: bfloat16 on a CPU with native bf16 (AVX512-BF16/AMX, ~40 % faster than float32), float32 on other CPUs (bf16 is emulated there, several times slower), vLLM's own choice on a GPU.")
     vllm_kvcache_gib: int = Field(2, description="VLLM_CPU_KVCACHE_SPACE for the CPU build.")
     vllm_max_model_len: int = Field(2048, description="Context length; longer prompts get 400.")
     vllm_max_lora_rank: int = Field(16, description="Highest LoRA rank vLLM accepts; higher adapters are refused.")

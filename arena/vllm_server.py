@@ -10,9 +10,19 @@ import os
 import sys
 from pathlib import Path
 
+from arena.hardware import cpu_has_bf16, has_nvidia_gpu
 from arena.settings import Settings
 
 BASE_SERVED_NAME = "base"
+
+
+def serving_dtype(setting: str) -> str:
+    """vLLM's --dtype for the `vllm_dtype` setting ("auto" resolved for CPUs, see there)."""
+    if setting != "auto":
+        return setting
+    if has_nvidia_gpu():
+        return "auto"
+    return "bfloat16" if cpu_has_bf16() else "float32"
 
 
 def vllm_command(
@@ -27,7 +37,7 @@ def vllm_command(
         "--enable-lora",
         "--max-lora-rank", str(settings.vllm_max_lora_rank),
         "--max-loras", str(settings.vllm_max_loras),
-        "--dtype", settings.vllm_dtype,
+        "--dtype", serving_dtype(settings.vllm_dtype),
         "--max-model-len", str(max_model_len or settings.vllm_max_model_len),
         "--disable-uvicorn-access-log",
         *settings.vllm_extra_args,

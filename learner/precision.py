@@ -12,27 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import cache
-from pathlib import Path
 
 import torch
 
+from arena.hardware import cpu_has_bf16
 from learner.presets import Precision
-
-CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 def pick_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-@cache
-def cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(flag in flags for flag in CPU_BF16_FLAGS)
 
 
 def amp_dtype(precision: Precision, device: torch.device) -> torch.dtype | None:

@@ -56,3 +56,18 @@ def test_readme_documents_every_setting():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     missing = [name for name in Settings.model_fields if f"`ARENA_{name.upper()}`" not in readme]
     assert missing == [], f"README settings table lacks: {missing}"
+
+
+def test_vllm_dtype_auto_follows_the_cpu(monkeypatch):
+    from arena import vllm_server
+    from arena.settings import Settings
+    from arena.vllm_server import serving_dtype, vllm_command
+
+    monkeypatch.setattr(vllm_server, "has_nvidia_gpu", lambda: False)
+    monkeypatch.setattr(vllm_server, "cpu_has_bf16", lambda: False)
+    assert serving_dtype("auto") == "float32"  # bf16 would be emulated: slower
+    monkeypatch.setattr(vllm_server, "cpu_has_bf16", lambda: True)
+    assert serving_dtype("auto") == "bfloat16"
+    assert serving_dtype("float16") == "float16"  # an explicit choice is kept
+    argv, _ = vllm_command(Settings(_env_file=None), vllm_server.Path("/m"), 8100)
+    assert argv[argv.index("--dtype") + 1] == "bfloat16"

@@ -8,6 +8,7 @@ file left by an older version is replaced by a fresh secret."""
 from __future__ import annotations
 
 import fcntl
+import hmac
 import os
 import secrets
 import tempfile
@@ -65,3 +66,10 @@ def admin_token(settings: Settings) -> str:
 
 def session_secret(settings: Settings) -> str:
     return ensure_secret(settings, "session_secret")[0]
+
+
+def bearer_matches(authorization: str, expected: str) -> bool:
+    """Whether an Authorization header is `Bearer <expected>` (constant-time compare)."""
+    scheme, _, token = authorization.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(),
+                                                              expected.encode())

@@ -25,7 +25,6 @@ An optional `X-Arena-Actor` header names who acted, for the records and the audi
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 from dataclasses import asdict
 from typing import Any, Literal
@@ -35,7 +34,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from arena.secrets import admin_token
+from arena.secrets import admin_token, bearer_matches
 from deploy import hot_swap, store
 from deploy.adapter_check import AdapterRefused
 from deploy.decision import auto_promote_paused, set_auto_promote_paused
@@ -61,10 +60,7 @@ def _client_ip(request: Request) -> str:
 async def require_admin(request: Request) -> str:
     """Check the bearer token; return who is acting (header, else admin@<ip>)."""
     header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    expected = admin_token(_gateway(request).settings)
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
-                                                             expected.encode()):
+    if not bearer_matches(header, admin_token(_gateway(request).settings)):
         log.warning("refused operator call %s %s from %s: %s", request.method,
                     request.url.path, _client_ip(request),
                     "no bearer token" if not header else "wrong token")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from arena.redis_durability import require_durable
-from arena.secrets import session_secret
+from arena.secrets import bearer_matches, session_secret
 from arena.settings import Settings
 from deploy.hot_swap import replica_sync_loop
 from deploy.registry import Registry
@@ -131,15 +130,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/metrics", response_class=PlainTextResponse)  # Prometheus' text format
     async def metrics(request: Request) -> Response:
         gw: GatewayState = request.app.state.gateway
-        if settings.metrics_token is not None:
-            scheme, _, token = request.headers.get("authorization", "").partition(" ")
-            expected = settings.metrics_token.get_secret_value().encode()
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
-                                                                     expected):
-                return error_response(401, "/metrics needs 'Authorization: Bearer <token>' "
-                                           "(ARENA_METRICS_TOKEN of this deployment).",
-                                      "invalid_metrics_token", None,
-                                      {"WWW-Authenticate": "Bearer"})
+        if settings.metrics_token is not None and not bearer_matches(
+                request.headers.get("authorization", ""),
+                settings.metrics_token.get_secret_value()):
+            return error_response(401, "/metrics needs 'Authorization: Bearer <token>' "
+                                       "(ARENA_METRICS_TOKEN of this deployment).",
+                                  "invalid_metrics_token", None, {"WWW-Authenticate": "Bearer"})
         for figure, value in (await _feedback_figures(gw)).items():
             if isinstance(value, int | float):
                 gw.metrics.feedback.labels(figure).set(value)

@@ -1,5 +1,5 @@
-"""The reward ("preference") model: base LM trunk + LoRA + a scalar head on the last token of
-the answer, trained on arena votes with the pairwise Bradley–Terry loss.
+"""The reward ("preference") model: base LM trunk (+ LoRA, or frozen: the probe below) + scalar
+heads on the answer's tokens, trained on arena votes with the pairwise Bradley–Terry loss.
 
     r(x, y)  = w · h_last(x, y) + b  +  Σ_t u · h_t(x, y) / TOKEN_SUM_SCALE
                h_last: final hidden state at the answer's last token; h_t: at answer token t
@@ -26,6 +26,27 @@ and a few hundred votes do not teach that; the sum gives every token a direct, a
 say, so a count is one linear direction (u). The last-token term keeps what only the whole
 answer shows. u starts at zero: before training the RM is the plain last-token one.
 
+The probe (`lora_layers=0`, the `cpu` preset): no LoRA at all. The trunk is the frozen base
+cut after `readout_layer` layers (the layers above are dropped, never computed), its hidden
+states standardised per dimension, z_t = (h_t − μ) / σ with μ, σ over the training answers'
+tokens, and only the heads learn, with an L2 penalty λ(|w|² + |u|²) (`head_l2`):
+
+    r(x, y)  = Σ_t u · z_t(x, y) / TOKEN_SUM_SCALE      (pooling "sum", last_token off)
+
+Why: a few hundred votes are too few to train even a LoRA without it memorising them (train
+accuracy 0.89, held-out 0.56 against the judge's own labels, presets.py), and the final
+layer is the worst place to read a text's properties: it is tuned to predict the next token.
+Mid-layer states, pooled over the answer, are linear in what a crowd judges (words used,
+topic kept, form), so a regularised linear readout on them learns from few votes, and its
+training is seconds on cached states.
+
+Why the frozen-layer cache (`FrozenCache`): with LoRA on the top `lora_layers` layers only,
+the layers below see frozen weights, so their output for a given text never changes during
+training. It is computed once per answer (one no-grad pass that stops at the first trainable
+layer) and each step runs only the top layers on it: an epoch costs the top layers' forward
+and backward, so a few hundred votes can be seen several times in the time one plain epoch
+took (a few hundred votes underfit in one pass: train loss ≈ ln 2).
+
 Details that matter (N implementation details of RLHF): the reward is read at the last real
 answer token (padding found from lengths, position ids from the attention mask, see
 sequences.py); the head starts small, N(0, 1/√(d+1)), so early rewards are near 0; dropout
@@ -36,6 +57,7 @@ and `score()` returns (r − mean) / std, the stable scale the policy trains aga
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import random
 import time
@@ -50,8 +72,10 @@ from torch import nn
 
 from feedback.vote_record import VoteRecord
 from learner.precision import amp_dtype, autocast, pick_device
-from learner.presets import Precision, RewardPreset
+from learner.presets import Pooling, Precision, RewardPreset
 from learner.sequences import PackedBatch, encode_answer, encode_prompt, pack
+
+log = logging.getLogger(__name__)
 
 REWARD_HEAD_FILE = "reward_head.safetensors"
 HELD_OUT_BUCKETS = 100  # the held-out split is hash(vote id) mod 100 < eval_percent
@@ -67,9 +91,18 @@ Progress = Callable[[dict[str, Any]], None]
 
 # --- the model ------------------------------------------------------------------------
 class RewardModel(nn.Module):
-    def __init__(self, trunk: nn.Module, hidden_size: int, token_sum: bool = True) -> None:
+    def __init__(self, trunk: nn.Module, hidden_size: int, token_sum: bool = True,
+                 frozen_layers: int = 0, pooling: Pooling = "sum",
+                 last_token: bool = True) -> None:
         super().__init__()
-        self.trunk = trunk  # decoder without LM head, LoRA inside (peft)
+        self.trunk = trunk  # decoder without LM head, LoRA inside (peft), maybe cut short
+        self.frozen_layers = frozen_layers  # bottom layers without LoRA (FrozenCache)
+        self.pooling = pooling  # the token term: sum / TOKEN_SUM_SCALE, or mean
+        self.last_token = last_token  # with the last-token term w·h_last + b
+        # Standardised features (h − μ) / σ, μ and σ per dimension over the training answers'
+        # tokens; only the probe (all layers frozen) sets them, else they stay 0 and 1.
+        self.register_buffer("feature_mean", torch.zeros(hidden_size))
+        self.register_buffer("feature_std", torch.ones(hidden_size))
         self.head = nn.Linear(hidden_size, 1)
         # Small init: N(0, 1/√(d+1)) keeps the initial rewards near zero.
         nn.init.normal_(self.head.weight, std=1.0 / math.sqrt(hidden_size + 1))
@@ -87,23 +120,82 @@ class RewardModel(nn.Module):
     def device(self) -> torch.device:
         return self.head.weight.device
 
-    def terms(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _layers(self) -> nn.ModuleList:
+        return getattr(self.trunk, "get_base_model", lambda: self.trunk)().layers
+
+    @property
+    def is_probe(self) -> bool:
+        """Every kept layer frozen: only the heads learn (module doc, "the probe")."""
+        return self.frozen_layers >= len(self._layers())
+
+    @torch.no_grad()
+    def frozen_states(self, batch: PackedBatch) -> torch.Tensor:
+        """The hidden states entering the first trainable layer, (B, P + T, d): the trunk's
+        forward, stopped there by a pre-hook."""
+        batch = batch.to(self.device)
+        if self.is_probe:  # nothing trainable inside: the trunk's whole output
+            with autocast(self.amp, self.device):
+                return self._hidden(batch, None).float()
+        captured: list[torch.Tensor] = []
+
+        def stop(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            captured.append(args[0] if args else kwargs["hidden_states"])
+            raise _StopForward
+
+        hook = self._layers()[self.frozen_layers].register_forward_pre_hook(stop,
+                                                                            with_kwargs=True)
+        try:
+            with autocast(self.amp, self.device):
+                self.trunk(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                           position_ids=batch.position_ids)
+        except _StopForward:
+            pass
+        finally:
+            hook.remove()
+        return captured[0].float()
+
+    def _hidden(self, batch: PackedBatch, frozen: torch.Tensor | None) -> torch.Tensor:
+        """Final hidden states: the whole trunk, or with `frozen` (from `frozen_states`) the
+        trainable top layers only, the frozen ones passed through."""
+        if frozen is None:
+            return self.trunk(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                              position_ids=batch.position_ids).last_hidden_state
+        if self.is_probe:
+            return frozen.to(self.device)
+        layers = self._layers()
+        bottom = [layers[i] for i in range(self.frozen_layers)]
+        for i in range(self.frozen_layers):
+            layers[i] = _PassThrough()
+        try:
+            return self.trunk(inputs_embeds=frozen.to(self.device),
+                              attention_mask=batch.attention_mask,
+                              position_ids=batch.position_ids).last_hidden_state
+        finally:
+            for i, layer in enumerate(bottom):
+                layers[i] = layer
+
+    def terms(self, batch: PackedBatch, frozen: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The two parts of r(x, y): the last-token term w·h_last + b, (B,), and the token
         sum's terms u·h_t / TOKEN_SUM_SCALE per answer token, (B, T) (None without it)."""
         batch = batch.to(self.device)
         with autocast(self.amp, self.device):
-            hidden = self.trunk(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                position_ids=batch.position_ids).last_hidden_state
+            hidden = self._hidden(batch, frozen)
+        hidden = (hidden.float() - self.feature_mean) / self.feature_std
         rows = torch.arange(hidden.shape[0], device=self.device)
-        last = self.head(hidden[rows, batch.last_index].float()).squeeze(-1)  # last real token
+        last = self.head(hidden[rows, batch.last_index]).squeeze(-1)  # last real token
+        if not self.last_token:
+            last = torch.zeros_like(last)
         if self.token_head is None:
             return last, None
-        per_token = self.token_head(hidden[:, batch.prompt_width:].float()).squeeze(-1)
-        return last, per_token * batch.response_mask / TOKEN_SUM_SCALE
+        per_token = self.token_head(hidden[:, batch.prompt_width:]).squeeze(-1)
+        scale = (batch.response_lengths[:, None].float() if self.pooling == "mean"
+                 else TOKEN_SUM_SCALE)
+        return last, per_token * batch.response_mask / scale
 
-    def forward(self, batch: PackedBatch) -> torch.Tensor:
+    def forward(self, batch: PackedBatch, frozen: torch.Tensor | None = None) -> torch.Tensor:
         """Raw reward r(x, y) of each row, shape (B,)."""
-        last, tokens = self.terms(batch)
+        last, tokens = self.terms(batch, frozen)
         return last if tokens is None else last + tokens.sum(-1)
 
     @torch.no_grad()
@@ -126,6 +218,36 @@ class RewardModel(nn.Module):
         return dense / self.reward_std
 
 
+def head_penalty(model: RewardModel) -> torch.Tensor:
+    """|w|² + |u|²: the probe's L2 (on standardised features it weighs every dimension
+    alike)."""
+    total = torch.zeros((), device=model.device)
+    if model.last_token:
+        total = total + model.head.weight.pow(2).sum()
+    if model.token_head is not None:
+        total = total + model.token_head.weight.pow(2).sum()
+    return total
+
+
+def _keep_layers(trunk: nn.Module, n: int) -> None:
+    """Drop the decoder layers above the first `n` (the readout layer): never computed."""
+    trunk.layers = trunk.layers[:n]
+    trunk.config.num_hidden_layers = n
+    if getattr(trunk.config, "layer_types", None):
+        trunk.config.layer_types = trunk.config.layer_types[:n]
+
+
+class _StopForward(Exception):
+    """Raised by `frozen_states`' pre-hook: the rest of the forward is not needed."""
+
+
+class _PassThrough(nn.Module):
+    """Stands in for a frozen decoder layer whose output is already cached."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states
+
+
 def build_reward_model(base_model: Path, preset: RewardPreset) -> tuple[RewardModel, Any]:
     """Base trunk (no LM head: the reward model never needs the vocabulary projection) with a
     fresh LoRA adapter and a fresh head."""
@@ -134,14 +256,23 @@ def build_reward_model(base_model: Path, preset: RewardPreset) -> tuple[RewardMo
 
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     trunk = AutoModel.from_pretrained(base_model, dtype=torch.float32)
-    n_layers = trunk.config.num_hidden_layers
-    top = None if preset.lora_layers is None or preset.lora_layers >= n_layers else \
-        list(range(n_layers - preset.lora_layers, n_layers))  # the chosen trainable layers
-    lora = LoraConfig(r=preset.lora_rank, lora_alpha=preset.lora_alpha, lora_dropout=0.0,
-                      target_modules=list(preset.lora_targets), bias="none",
-                      layers_to_transform=top, layers_pattern="layers" if top else None)
-    trunk = get_peft_model(trunk, lora)
-    model = RewardModel(trunk, trunk.config.hidden_size, token_sum=preset.token_sum)
+    n_layers = min(preset.readout_layer or trunk.config.num_hidden_layers,
+                   trunk.config.num_hidden_layers)
+    _keep_layers(trunk, n_layers)
+    if preset.lora_layers == 0:  # the probe: a frozen trunk, heads only
+        trunk.requires_grad_(False)
+        frozen = n_layers
+    else:
+        top = None if preset.lora_layers is None or preset.lora_layers >= n_layers else \
+            list(range(n_layers - preset.lora_layers, n_layers))  # the trainable layers
+        lora = LoraConfig(r=preset.lora_rank, lora_alpha=preset.lora_alpha, lora_dropout=0.0,
+                          target_modules=list(preset.lora_targets), bias="none",
+                          layers_to_transform=top, layers_pattern="layers" if top else None)
+        trunk = get_peft_model(trunk, lora)
+        frozen = top[0] if top else 0
+    model = RewardModel(trunk, trunk.config.hidden_size, token_sum=preset.token_sum,
+                        frozen_layers=frozen, pooling=preset.pooling,
+                        last_token=preset.last_token)
     device = pick_device()
     model.to(device).eval()  # dropout off, in training too
     model.amp = amp_dtype(preset.precision, device)
@@ -151,29 +282,45 @@ def build_reward_model(base_model: Path, preset: RewardPreset) -> tuple[RewardMo
 def save_reward_model(model: RewardModel, folder: Path) -> None:
     from safetensors.torch import save_file
 
-    model.trunk.save_pretrained(folder, safe_serialization=True)
+    if not model.is_probe:  # the probe's trunk is the base, cut at the readout layer
+        model.trunk.save_pretrained(folder, safe_serialization=True)
     tensors = {"weight": model.head.weight.detach().cpu().contiguous(),
                "bias": model.head.bias.detach().cpu().contiguous(),
                "reward_mean": model.reward_mean.reshape(1).cpu(),
-               "reward_std": model.reward_std.reshape(1).cpu()}
+               "reward_std": model.reward_std.reshape(1).cpu(),
+               "feature_mean": model.feature_mean.cpu(), "feature_std": model.feature_std.cpu()}
     if model.token_head is not None:
         tensors["token_weight"] = model.token_head.weight.detach().cpu().contiguous()
-    save_file(tensors, str(folder / REWARD_HEAD_FILE))
+    readout = {"layers": str(len(model._layers())), "pooling": model.pooling,
+               "last_token": str(model.last_token).lower()}
+    save_file(tensors, str(folder / REWARD_HEAD_FILE), metadata=readout)
 
 
 def load_reward_model(folder: Path, base_model: Path,
                       precision: Precision = "auto") -> tuple[RewardModel, Any]:
     """A trained `rm-vN` for scoring (frozen)."""
     from peft import PeftModel
+    from safetensors import safe_open
     from safetensors.torch import load_file
     from transformers import AutoModel, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base_model)
-    trunk = PeftModel.from_pretrained(AutoModel.from_pretrained(base_model, dtype=torch.float32),
-                                      folder, is_trainable=False)
+    with safe_open(str(folder / REWARD_HEAD_FILE), "pt") as f:
+        readout = f.metadata() or {}  # none in reward models saved before the probe
     head = load_file(str(folder / REWARD_HEAD_FILE))
-    model = RewardModel(trunk, trunk.config.hidden_size, token_sum="token_weight" in head)
+    trunk = AutoModel.from_pretrained(base_model, dtype=torch.float32)
+    _keep_layers(trunk, int(readout.get("layers", trunk.config.num_hidden_layers)))
+    probe = not (folder / "adapter_config.json").is_file()
+    if not probe:
+        trunk = PeftModel.from_pretrained(trunk, folder, is_trainable=False)
+    model = RewardModel(trunk, trunk.config.hidden_size, token_sum="token_weight" in head,
+                        frozen_layers=len(trunk.layers) if probe else 0,
+                        pooling=readout.get("pooling", "sum"),  # type: ignore[arg-type]
+                        last_token=readout.get("last_token", "true") == "true")
     with torch.no_grad():
+        if "feature_mean" in head:
+            model.feature_mean.copy_(head["feature_mean"])
+            model.feature_std.copy_(head["feature_std"])
         if model.token_head is not None:
             model.token_head.weight.copy_(head["token_weight"])
         model.head.weight.copy_(head["weight"])
@@ -242,14 +389,55 @@ def pair_batch(pairs: list[Pair], pad_id: int) -> PackedBatch:
                 [p.answer_a for p in pairs] + [p.answer_b for p in pairs], pad_id)
 
 
+class FrozenCache:
+    """The frozen layers' output for each side of each pair (module doc), real tokens only:
+    a row's states do not depend on the padding around it (position ids come from the mask,
+    padding is masked out), so they are cut out once and put back in any later batch."""
+
+    def __init__(self, model: RewardModel, pad_id: int) -> None:
+        self.model, self.pad_id = model, pad_id
+        self.states: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(pair) -> (a, b)
+
+    def fill(self, pairs: list[Pair], batch_size: int,
+             progress: Callable[[int], None] | None = None) -> None:
+        todo = [p for p in pairs if id(p) not in self.states]
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            batch = pair_batch(chunk, self.pad_id)
+            hidden = self.model.frozen_states(batch).cpu()
+            real = batch.attention_mask.bool()
+            rows = [hidden[r, real[r]] for r in range(2 * len(chunk))]
+            for i, pair in enumerate(chunk):
+                self.states[id(pair)] = (rows[i], rows[len(chunk) + i])
+            if progress is not None:
+                progress(start + len(chunk))
+
+    def assemble(self, pairs: list[Pair], batch: PackedBatch) -> torch.Tensor:
+        """The cached states laid out like `batch` (= pair_batch(pairs)), zeros on padding."""
+        rows = [self.states[id(p)][0] for p in pairs] + [self.states[id(p)][1] for p in pairs]
+        frozen = torch.zeros(*batch.input_ids.shape, rows[0].shape[-1])
+        real = batch.attention_mask.bool()
+        for r, states in enumerate(rows):
+            frozen[r, real[r]] = states
+        return frozen
+
+
 # --- the loss ------------------------------------------------------------------------------
 def bradley_terry_loss(delta: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """−[t·log σ(Δ) + (1 − t)·log σ(−Δ)] per pair; t = 1 gives −log σ(r_w − r_l)."""
     return -(target * F.logsigmoid(delta) + (1 - target) * F.logsigmoid(-delta))
 
 
-def pair_deltas(model: RewardModel, pairs: list[Pair], pad_id: int) -> torch.Tensor:
-    rewards = model(pair_batch(pairs, pad_id))
+def pair_rewards(model: RewardModel, pairs: list[Pair], pad_id: int,
+                 cache: FrozenCache | None = None) -> torch.Tensor:
+    """r of rows a_1..a_n, b_1..b_n; from the cached frozen layers when `cache` is given."""
+    batch = pair_batch(pairs, pad_id)
+    return model(batch, cache.assemble(pairs, batch) if cache is not None else None)
+
+
+def pair_deltas(model: RewardModel, pairs: list[Pair], pad_id: int,
+                cache: FrozenCache | None = None) -> torch.Tensor:
+    rewards = pair_rewards(model, pairs, pad_id, cache)
     return rewards[: len(pairs)] - rewards[len(pairs):]  # Δ = r_a − r_b
 
 
@@ -267,11 +455,11 @@ def pair_metrics(deltas: torch.Tensor, targets: torch.Tensor) -> dict[str, float
 
 
 @torch.no_grad()
-def evaluate_pairs(model: RewardModel, pairs: list[Pair], pad_id: int,
-                   batch_size: int) -> dict[str, float | None]:
+def evaluate_pairs(model: RewardModel, pairs: list[Pair], pad_id: int, batch_size: int,
+                   cache: FrozenCache | None = None) -> dict[str, float | None]:
     if not pairs:
         return {"accuracy": None, "calibration": None, "loss": None, "n": 0}
-    deltas = torch.cat([pair_deltas(model, pairs[i:i + batch_size], pad_id)
+    deltas = torch.cat([pair_deltas(model, pairs[i:i + batch_size], pad_id, cache)
                         for i in range(0, len(pairs), batch_size)])
     return pair_metrics(deltas, torch.tensor([p.target for p in pairs], device=deltas.device))
 
@@ -303,6 +491,29 @@ def train_reward_model(votes: list[VoteRecord], base_model: Path, preset: Reward
         raise ValueError(f"no trainable votes among {len(votes)} (both_bad and skipped ties "
                          "carry no ranking)")
 
+    # 2. The frozen layers' output of every answer, once (module doc).
+    cache = FrozenCache(model, pad_id)
+    n_cached = len(train) + len(held_out)
+    started = time.monotonic()
+
+    def cached(done: int) -> None:
+        if progress is not None:
+            elapsed = time.monotonic() - started
+            progress({"phase": "reward_model", "stage": "frozen layers", "step": 0,
+                      "total": preset.epochs * math.ceil(len(train) / preset.batch_size),
+                      "cached": done, "of": n_cached,
+                      "eta_s": elapsed / done * (n_cached - done)})
+
+    cache.fill(train + held_out, preset.batch_size, cached)
+    log.info("reward model: frozen layers (%d of %d) cached for %d pairs in %.0f s",
+             model.frozen_layers, len(model._layers()), n_cached, time.monotonic() - started)
+
+    if model.is_probe:  # standardise on the training answers' tokens
+        answers = torch.cat([side[-len(answer):] for p in train for side, answer in
+                             zip(cache.states[id(p)], (p.answer_a, p.answer_b), strict=True)])
+        model.feature_mean.copy_(answers.mean(0))
+        model.feature_std.copy_(answers.std(0).clamp(min=NORM_EPS))
+
     params = [p for p in model.parameters() if p.requires_grad]  # LoRA + heads
     # The heads start from (near) zero and are a few hundred weights: at the LoRA's rate
     # they would barely move in one pass over a few hundred votes.
@@ -315,16 +526,18 @@ def train_reward_model(votes: list[VoteRecord], base_model: Path, preset: Reward
     steps_per_epoch = math.ceil(len(train) / preset.batch_size)
     total = preset.epochs * steps_per_epoch
     history: list[dict[str, Any]] = []
-    step, started = 0, time.monotonic()
+    step, steps_started = 0, time.monotonic()
 
-    # 2. Epochs over shuffled pairs: BT loss on Δ = r_a − r_b.
+    # 3. Epochs over shuffled pairs: BT loss on Δ = r_a − r_b (top layers only).
     for epoch in range(preset.epochs):
         rng.shuffle(train)
         epoch_loss = 0.0
         for start in range(0, len(train), preset.batch_size):
             chunk = train[start:start + preset.batch_size]
             targets = torch.tensor([p.target for p in chunk], device=model.device)
-            loss = bradley_terry_loss(pair_deltas(model, chunk, pad_id), targets).mean()
+            loss = bradley_terry_loss(pair_deltas(model, chunk, pad_id, cache), targets).mean()
+            if preset.head_l2:
+                loss = loss + preset.head_l2 * head_penalty(model)
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, preset.max_grad_norm)
@@ -332,27 +545,27 @@ def train_reward_model(votes: list[VoteRecord], base_model: Path, preset: Reward
             step += 1
             epoch_loss += loss.item() * len(chunk)
             if progress is not None:
-                elapsed = time.monotonic() - started
+                elapsed = time.monotonic() - steps_started
                 progress({"phase": "reward_model", "step": step, "total": total,
                           "loss": loss.item(), "eta_s": elapsed / step * (total - step)})
             if preset.eval_every_steps and step % preset.eval_every_steps == 0 and step < total:
-                held = evaluate_pairs(model, held_out, pad_id, preset.batch_size)
+                held = evaluate_pairs(model, held_out, pad_id, preset.batch_size, cache)
                 history.append({"step": step, "epoch": step / steps_per_epoch,
                                 "train_loss": loss.item(), "heldout_accuracy": held["accuracy"],
                                 "heldout_calibration": held["calibration"],
                                 "heldout_loss": held["loss"]})
-        held = evaluate_pairs(model, held_out, pad_id, preset.batch_size)
+        held = evaluate_pairs(model, held_out, pad_id, preset.batch_size, cache)
         history.append({"step": step, "epoch": epoch + 1, "train_loss": epoch_loss / len(train),
                         "heldout_accuracy": held["accuracy"],
                         "heldout_calibration": held["calibration"],
                         "heldout_loss": held["loss"]})
 
-    # 3. Normalisation: mean and std of the raw scores of (a random sample of at most
+    # 4. Normalisation: mean and std of the raw scores of (a random sample of at most
     #    NORM_SAMPLE_PAIRS) training pairs; the same pass gives the training accuracy. The
     #    held-out figures are those after the last step.
     sample = random.Random(preset.seed).sample(train, min(len(train), NORM_SAMPLE_PAIRS))
     with torch.no_grad():
-        scored = [model(pair_batch(sample[i:i + preset.batch_size], pad_id)).split(
+        scored = [pair_rewards(model, sample[i:i + preset.batch_size], pad_id, cache).split(
             len(sample[i:i + preset.batch_size]))
             for i in range(0, len(sample), preset.batch_size)]
         r_a = torch.cat([a for a, _ in scored])

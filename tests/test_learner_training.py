@@ -25,8 +25,14 @@ from learner.policy_trainer import policy_forward, reference_logprobs, train_pol
 from learner.presets import get_preset
 from learner.prompt_pool import PromptPool, load_shipped_prompts
 from learner.reward_model import (
+    FrozenCache,
     bradley_terry_loss,
+    build_reward_model,
+    load_reward_model,
+    pair_rewards,
+    save_reward_model,
     train_reward_model,
+    votes_to_pairs,
 )
 from learner.rollout import TransformersRollout
 from learner.sequences import encode_answer, encode_prompt, pack
@@ -146,6 +152,55 @@ def test_dense_scores_sum_to_the_score_and_are_causal(votes, tiny_model_dir: Pat
     # answer's (its 4th carries the last-token term as well)
     assert torch.allclose(dense[1, :3], dense[0, :3], atol=1e-4)
     assert (dense[1, 4:] == 0).all()  # nothing on padding
+
+
+def test_frozen_layer_cache_gives_the_full_forward(votes, tiny_model_dir: Path) -> None:
+    """LoRA on the top layer only: the bottom layer's cached output, put back into batches of
+    other pairs (other padding), gives the rewards and gradients of the whole trunk."""
+    preset = replace(TINY.reward, lora_layers=1)
+    model, tok = build_reward_model(tiny_model_dir, preset)
+    assert model.frozen_layers == len(model._layers()) - 1 > 0
+    with torch.no_grad():  # a trained-looking adapter and token head, not the zero init
+        for param in model.parameters():
+            if param.requires_grad:
+                param.normal_(0, 0.05)
+    pairs, _ = votes_to_pairs(votes[:12], tok, preset)
+    cache = FrozenCache(model, tok.pad_token_id)
+    cache.fill(pairs, batch_size=5)  # filled in other batches than the ones read below
+    for chunk in (pairs[:4], pairs[3:12]):
+        plain = pair_rewards(model, chunk, tok.pad_token_id)
+        cached = pair_rewards(model, chunk, tok.pad_token_id, cache)
+        assert torch.allclose(plain, cached, atol=1e-5)
+    lora = next(p for n, p in model.named_parameters() if "lora_A" in n and p.requires_grad)
+    grads = []
+    for use in (None, cache):
+        lora.grad = None
+        pair_rewards(model, pairs[:6], tok.pad_token_id, use).sum().backward()
+        grads.append(lora.grad.clone())
+    assert grads[0].abs().sum() > 0
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
+
+
+def test_probe_reward_model_learns_and_round_trips(votes, tiny_model_dir: Path,
+                                                  tmp_path: Path) -> None:
+    """The probe (no LoRA, trunk cut at a readout layer, standardised features, L2 heads)
+    learns the hidden rule from the cached features alone, and loads back as it was saved."""
+    preset = replace(TINY.reward, lora_layers=0, readout_layer=1, pooling="mean",
+                     last_token=False, token_sum=True, head_l2=1e-3, epochs=8, lr=3e-2)
+    result = train_reward_model(votes, tiny_model_dir, preset)
+    model = result.model
+    assert model.is_probe and len(model._layers()) == 1
+    assert not any(p.requires_grad for p in model.trunk.parameters())
+    assert result.metrics["heldout_accuracy"] >= 0.8, result.metrics
+    assert (model.feature_std != 1).any()  # standardised on the training answers
+    save_reward_model(model, tmp_path)
+    assert not (tmp_path / "adapter_config.json").exists()  # nothing but the heads to keep
+    loaded, tok = load_reward_model(tmp_path, tiny_model_dir)
+    assert loaded.is_probe and loaded.pooling == "mean" and not loaded.last_token
+    p = encode_prompt(tok, [{"role": "user", "content": "Tell me a joke."}], 96)
+    batch = pack([p, p], [encode_answer(tok, "Here" + MARKER + " you go.", 32),
+                          encode_answer(tok, "Here you go, then.", 32)], tok.pad_token_id)
+    assert torch.allclose(loaded.score(batch), model.score(batch), atol=1e-5)
 
 
 def test_tie_loss_is_lowest_at_equal_rewards() -> None:

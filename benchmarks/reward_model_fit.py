@@ -43,20 +43,16 @@ JUDGE_TARGET = {"a": 1.0, "b": 0.0}
 
 def judge_accuracy(result: rm.RewardTrainResult, held_out: list, judge_name: str,
                    preset) -> tuple[float | None, int]:
-    """Share of held-out pairs the judge decides (no noise) that the RM orders the same way."""
+    """Share of held-out pairs the judge decides (no noise) that the RM orders the same way:
+    the RM's own held-out evaluation, with the judge's verdicts as the targets."""
     judge = get_judge(judge_name)
     rng = random.Random(0)
     pairs, _ = rm.votes_to_pairs(held_out, result.tokenizer, preset)
-    truth = torch.tensor([JUDGE_TARGET.get(judge(v.conversation_a, v.answer_a, v.answer_b, rng),
-                                           0.5) for v in held_out])
-    with torch.no_grad():
-        deltas = torch.cat([rm.pair_deltas(result.model, pairs[i:i + 16],
-                                           result.tokenizer.pad_token_id)
-                            for i in range(0, len(pairs), 16)]).cpu()
-    decided = truth != 0.5
-    if not decided.any():
-        return None, 0
-    return ((deltas > 0) == (truth == 1.0))[decided].float().mean().item(), int(decided.sum())
+    judged = [replace(pair, target=JUDGE_TARGET.get(
+        judge(v.conversation_a, v.answer_a, v.answer_b, rng), 0.5))
+        for pair, v in zip(pairs, held_out, strict=True)]
+    metrics = rm.evaluate_pairs(result.model, judged, result.tokenizer.pad_token_id, 16)
+    return metrics["accuracy"], sum(p.target != 0.5 for p in judged)
 
 
 def main() -> None:

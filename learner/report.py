@@ -53,6 +53,7 @@ DECISIONS_KEY = "arena:loop:decisions"  # deploy/decision.py: version -> JSON {d
 BASE = "base"
 Z95 = 1.959963984540054
 DEFAULT_EVAL_PROMPTS = 50
+RATING_AXIS_MARGIN = 25.0  # rating points above and below what the ratings plot must show
 
 
 def report_dir(settings: Settings) -> Path:
@@ -281,6 +282,17 @@ def rating_series(history: Iterable[dict[str, Any]]) -> dict[str, RatingSeries]:
     return dict(sorted(series.items(), key=lambda item: version_sort_key(item[0])))
 
 
+def rating_axis(series: dict[str, RatingSeries],
+                margin: float = RATING_AXIS_MARGIN) -> tuple[float, float]:
+    """The rating plot's y range: every rating and each version's latest interval, plus a
+    margin. The first refits of a new version have intervals hundreds of points wide; drawn
+    in full they flatten every later difference into a line, so their bands are cut off."""
+    values = [r for s in series.values() for r in s.rating]
+    for s in series.values():
+        values += [b for b in (s.lower[-1], s.upper[-1]) if b is not None]
+    return min(values) - margin, max(values) + margin
+
+
 def version_sort_key(version: str) -> tuple[int, str, int, str]:
     """base first, then policy-v1, policy-v2, ..., policy-v10 (numeric), then the rest."""
     m = re.match(r"^(.*?)-v(\d+)$", version)
@@ -454,6 +466,8 @@ def plot_ratings(series: dict[str, RatingSeries], path: Path) -> Path:
                         color=line.get_color(), capsize=4, linewidth=1.2)
     ax.set(title="Bradley–Terry rating per version, 95 % bootstrap CI (base = 1000)",
            ylabel="rating", xlabel="time of refit (UTC)")
+    if series:
+        ax.set_ylim(*rating_axis(series))
     ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(ax.xaxis.get_major_locator()))
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)

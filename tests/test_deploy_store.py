@@ -5,6 +5,7 @@ refused and leave nothing behind (the loop's decision rule: tests/test_deploy_de
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import shutil
 from pathlib import Path
@@ -211,27 +212,38 @@ def test_rollback_refuses_a_target_or_current_that_changed(registry: Registry) -
                              expected_target="policy-v2") == ("policy-v3", "policy-v2")
 
 
-def _run_concurrently(monkeypatch: pytest.MonkeyPatch, *make: Any) -> tuple[list[Any], list[str]]:
+def _run_concurrently(monkeypatch: pytest.MonkeyPatch, *make: Any,
+                      first: int | None = None) -> tuple[list[Any], list[str]]:
     """Run the swap coroutines together; each one's replica load waits until all started, so
-    every one reads its target before any flips. Returns (results or errors, loaded ids)."""
+    every one reads its target before any flips. With `first`, that coroutine is let through
+    and finishes before the others are (a fixed order for a race whose outcome depends on
+    it). Returns (results or errors, loaded ids)."""
     from deploy import hot_swap
 
     loaded: list[str] = []
 
     async def main() -> list[Any]:
-        gate = asyncio.Event()
+        gates = [asyncio.Event() for _ in make]
+        whose_load: contextvars.ContextVar[int] = contextvars.ContextVar("whose_load")
 
         async def slow_load(pool: Any, record: VersionRecord,
                             require_one: bool = True) -> list[str]:
             loaded.append(record.id)
-            await gate.wait()
+            await gates[whose_load.get()].wait()
             return ["http://replica"]
 
         monkeypatch.setattr(hot_swap, "load_everywhere", slow_load)
-        tasks = [asyncio.create_task(m(hot_swap)) for m in make]
+        tasks = []
+        for i, m in enumerate(make):
+            whose_load.set(i)  # each task copies the context as it is when created
+            tasks.append(asyncio.create_task(m(hot_swap)))
         while len(loaded) < len(make):
             await asyncio.sleep(0.01)
-        gate.set()
+        if first is not None:
+            gates[first].set()
+            await asyncio.wait([tasks[first]])
+        for gate in gates:
+            gate.set()
         return await asyncio.gather(*tasks, return_exceptions=True)
 
     return asyncio.run(main()), loaded
@@ -259,7 +271,7 @@ def test_promote_during_a_rollback_wins_and_the_rollback_changes_nothing(
     _three_promoted(registry)
     results, loaded = _run_concurrently(
         monkeypatch, lambda hs: hs.rollback(None, registry, "a"),
-        lambda hs: hs.promote(None, registry, "policy-v1", "b"))
+        lambda hs: hs.promote(None, registry, "policy-v1", "b"), first=1)
     rolled, promoted = results
     assert sorted(loaded) == ["policy-v1", "policy-v2"]
     assert isinstance(rolled, TransitionError) and "current changed" in str(rolled)

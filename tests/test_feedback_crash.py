@@ -37,6 +37,18 @@ def start_archiver(redis_url: str, archive_url: str, data_dir: Path, claim_idle_
                             start_new_session=True)
 
 
+def freeze(pid: int) -> None:
+    """SIGSTOP the process group and wait until it has stopped and what it had already sent
+    has landed: kill() returns before the signal takes effect, and an XACK written to the
+    socket just before is still applied by Redis after the process stopped."""
+    os.killpg(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
+        assert time.monotonic() < deadline, "the archiver did not stop"
+        time.sleep(0.001)
+    time.sleep(0.05)
+
+
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])
 def test_archiver_killed_mid_batch(database: str, redis_url: str, tmp_path: Path,
                                    request: pytest.FixtureRequest) -> None:
@@ -60,7 +72,7 @@ def test_archiver_killed_mid_batch(database: str, redis_url: str, tmp_path: Path
             if archive.count() == 0:
                 time.sleep(0.005)
                 continue
-            os.killpg(first.pid, signal.SIGSTOP)
+            freeze(first.pid)
             stored = archive.count()
             if stored < N_VOTES - BATCH and client.xpending(VOTES_STREAM, ARCHIVER)["pending"]:
                 os.killpg(first.pid, signal.SIGKILL)

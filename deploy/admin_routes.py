@@ -15,9 +15,13 @@ not load the version; `current` unchanged).
     GET  /admin/learner                   the loop: running iteration (phase, step, total,
                                           metrics), pause flags, votes waiting, pending
                                           candidates, decisions
+    POST /admin/learner/start             start an iteration now (409 if one runs, learning is
+                                          paused or a candidate waits for its decision)
     POST /admin/learner/pause | resume    no new learner iteration starts / they start again
     POST /admin/learner/cancel            stop the running iteration (409 if none runs)
     POST /admin/auto-promote/pause | resume   the loop decides nothing / decides again
+    GET  /admin/voters                    the sessions with the highest anomaly scores
+    GET  /admin/errors                    this gateway process's newest error answers
 
 An optional `X-Arena-Actor` header names who acted, for the records and the audit log.
 """
@@ -42,6 +46,7 @@ from deploy.registry import Registry, UnknownVersion, VersionRecord
 from deploy.states import TransitionError
 from feedback.voter_scores import top_voters
 from serve.errors import APIError
+from serve.recent_errors import RING_SIZE
 from serve.state import GatewayState
 
 log = logging.getLogger("arena.deploy.admin")
@@ -191,11 +196,20 @@ async def learner_state(request: Request) -> dict[str, Any]:
 
 
 @router.post("/learner/{action}")
-async def learner_control(action: Literal["pause", "resume", "cancel"], request: Request,
-                          actor: str = Depends(require_admin)) -> dict[str, Any]:
-    from learner.trigger import cancel_iteration, is_paused, set_paused
+async def learner_control(action: Literal["start", "pause", "resume", "cancel"],
+                          request: Request, actor: str = Depends(require_admin)
+                          ) -> dict[str, Any]:
+    from learner.trigger import cancel_iteration, is_paused, set_paused, start_iteration
 
     registry = registry_of(request)
+    if action == "start":
+        started = await asyncio.to_thread(start_iteration, _gateway(request).settings,
+                                          reason=f"started by {actor}")
+        if not started["started"]:
+            raise APIError(409, started["message"], "not_started")
+        registry.audit("learner-start", None, actor=actor, before="idle",
+                       after=f"task={started['task_id']}")
+        return {**await _learner_status(request), "start": started}
     if action == "cancel":
         result = await asyncio.to_thread(cancel_iteration, _gateway(request).settings)
         if result["cancelled"] is None:
@@ -231,3 +245,11 @@ async def list_voters(request: Request, limit: int = Query(100, ge=1, le=10_000)
     return {"object": "list", "data": await top_voters(gw.redis, limit),
             "flagged_votes": gw.settings.flagged_votes,
             "flagged_vote_weight": gw.settings.flagged_vote_weight}
+
+
+@router.get("/errors")
+async def recent_errors(request: Request, limit: int = Query(100, ge=1, le=RING_SIZE)
+                        ) -> dict[str, Any]:
+    """This gateway process's newest error answers (status >= 400), newest first
+    (serve/recent_errors.py): time, method, path, status, code and message."""
+    return {"object": "list", "data": request.app.state.recent_errors.newest(limit)}

@@ -9,6 +9,8 @@ The rule (`decide`, pure), with `current` the version the alias points at:
     ROLLBACK  current    current was promoted by auto-promotion and its upper bound is below
                          its parent's lower bound (ratings later put it below its parent)
     REJECT    C          C's sanity gate failed (`sanity_failures`), or C has
+                         >= loop_min_battles votes and C.upper < current.rating (the
+                         arena is confident it is worse: the promotion rule's mirror), or
                          >= loop_max_battles votes without qualifying; C is retired
     PROMOTE   C          C has >= loop_min_battles votes, C.lower > current.rating and its
                          sanity gate passed; of several, the one with the highest lower bound
@@ -127,6 +129,12 @@ def beats(candidate: Rating | None, current: Rating | None) -> bool:
     return candidate is not None and current is not None and candidate.lower > current.rating
 
 
+def loses(candidate: Rating | None, current: Rating | None) -> bool:
+    """The arena is confident the candidate is worse: its upper bound is below the current
+    version's rating (the mirror of `beats`)."""
+    return candidate is not None and current is not None and candidate.upper < current.rating
+
+
 def pending_candidates(records: Sequence[VersionRecord],
                        decided: Collection[str]) -> list[VersionRecord]:
     """Learner-made policies waiting for a decision (module doc)."""
@@ -164,6 +172,11 @@ def decide(board: Mapping[str, Rating], records: Sequence[VersionRecord], curren
                                       row))
         elif battles >= thresholds.min_battles and beats(row, board.get(current)):
             qualified.append((record.id, row))
+        elif battles >= thresholds.min_battles and loses(row, board.get(current)):
+            decisions.append(Decision(record.id, "reject",
+                                      f"{REJECTED}: upper bound {row.upper:.1f} below "
+                                      f"{current}'s rating {board[current].rating:.1f} after "
+                                      f"{battles} votes", row))
         elif battles >= thresholds.max_battles:
             bar = board.get(current)
             versus = (f"lower bound {row.lower:.1f} not above {current}'s rating "

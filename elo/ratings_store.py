@@ -235,6 +235,12 @@ async def load_leaderboard(client: Any, history: int = 200) -> dict[str, Any]:
     }
 
 
+async def load_pair_counts_async(client: Any) -> PairCounts | None:
+    """The latest fit's pair counts (`client` is a redis.asyncio.Redis); None before it."""
+    raw = await client.get(PAIRS_KEY)
+    return pair_counts_from_json(raw) if raw else None
+
+
 async def load_matchmaking_view(client: Any) -> dict[str, Any]:
     """What the matchmaker needs (`client` is a redis.asyncio.Redis): per model
     {"rating", "ci_width", "battles"} from the latest fit, and under "__counts__" the

@@ -121,10 +121,13 @@ PRESETS: dict[str, Preset] = {
         # On that RM (2 training threads): lr 1e-4, 20 steps x 8 answers moved neither the
         # reward (-0.38 -> -0.34) nor the KL (0.31); lr 3e-4, 16 steps x 16 answers, 40 s a
         # step: reward -0.38 -> -0.01, KL 2.1, key-noun mentions per answer 0.93 -> 1.15;
-        # lr 5e-4 to move further in the two iterations the loop run has.
+        # lr 5e-4 to move further in the two iterations the loop run has. The dense reward
+        # (the probe's token terms credited where they were earned, same total) made the
+        # difference in the loop: policy-v1 with it won 81 % of held-out head-to-heads against
+        # base (sparse, the run before: 59 %), eval reward -0.72 -> 1.05, KL 14.9.
         ppo=PPOPreset(lr=5e-4, steps=16, rollout_batch=16, minibatch_size=8, ppo_epochs=2,
                       max_new_tokens=48, max_prompt_tokens=256, lora_rank=8, lora_alpha=16,
-                      eval_prompts=16, checkpoint_every=5),
+                      dense_reward=True, eval_prompts=16, checkpoint_every=5),
     ),
     # One GPU: bigger batches and longer answers, the adaptive KL controller on.
     "gpu": Preset(

@@ -6,14 +6,13 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import redis
 import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
@@ -23,18 +22,18 @@ from arena.settings import Settings
 from deploy.hot_swap import replica_sync_loop
 from deploy.registry import Registry
 from feedback.vote_stream import VoteAcceptor
-from serve import battles, chat, votes
+from serve import battles, chat, pages, votes
 from serve.bodies import BodySizeLimit
 from serve.errors import error_response, error_responses, install_error_handlers
 from serve.metrics import GatewayMetrics
 from serve.rate_limit import RateLimiter
+from serve.recent_errors import ErrorRing, RecordErrors
 from serve.sessions import SessionMiddleware
 from serve.state import GatewayState
 from serve.upstream import ReplicaPool
 from serve.versions import VersionView
 
 log = logging.getLogger("arena.gateway")
-STATIC_DIR = Path(__file__).parent / "static"
 BACKGROUND_STOP_S = 5.0  # how long shutdown waits for the background tasks to end
 
 
@@ -85,8 +84,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.trusted_proxies:  # runs first: the client address every limit counts
         app.add_middleware(ProxyHeadersMiddleware,
                            trusted_hosts=[str(net) for net in settings.trusted_proxies])
+    app.state.recent_errors = ErrorRing()  # GET /admin/errors (operator console)
+    app.add_middleware(RecordErrors, ring=app.state.recent_errors)
     app.include_router(chat.router)
     app.include_router(battles.router)
+    pages.install(app)
     _include_optional_routers(app)
 
     def openapi() -> dict[str, Any]:
@@ -140,10 +142,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if isinstance(value, int | float):
                 gw.metrics.feedback.labels(figure).set(value)
         return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/", include_in_schema=False)
-    async def index() -> FileResponse:
-        return FileResponse(STATIC_DIR / "index.html")
 
     return app
 

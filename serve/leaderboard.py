@@ -1,5 +1,5 @@
 """GET /v1/leaderboard (versions with rating, 95 % CI, rank, battles, win rate vs base, state,
-and the style-controlled rating with its CI under `style`),
+and the style-controlled rating with its CI under `style`), the pairwise win rates behind it,
 its history as JSON and as a chart. Ratings are refitted by the ranker (feedback/), never on
 the request path: these routes only read what it stored."""
 
@@ -9,11 +9,12 @@ import asyncio
 import io
 from typing import Any
 
+import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from elo.bradley_terry import rank_with_ci
-from elo.ratings_store import load_leaderboard
+from elo.ratings_store import load_leaderboard, load_pair_counts_async
 from serve.chat import state_of
 from serve.errors import error_responses
 
@@ -52,6 +53,23 @@ async def leaderboard(request: Request) -> dict[str, Any]:
             "style": {"coefficients": style.get("coefficients"),
                       "coefficient_ci": style.get("coefficient_ci"),
                       "n_votes": style.get("n_votes", 0)}}
+
+
+@router.get("/v1/leaderboard/pairwise")
+async def leaderboard_pairwise(request: Request) -> dict[str, Any]:
+    """The counts behind the latest fit, per pair: `win_rate[i][j]` is the share of the votes
+    between models[i] and models[j] that i won (ties and both-bad count half; null where the
+    two never met) and `battles[i][j]` how many there were."""
+    counts = await load_pair_counts_async(state_of(request).redis)
+    if counts is None:
+        return {"object": "pairwise", "models": [], "win_rate": [], "battles": []}
+    played = counts.battles
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rate = np.where(played > 0, counts.wins / np.maximum(played, 1), np.nan)
+    return {"object": "pairwise", "models": counts.models,
+            "win_rate": [[None if np.isnan(x) else round(float(x), 4) for x in row]
+                         for row in rate],
+            "battles": [[int(round(x)) for x in row] for row in played]}
 
 
 @router.get("/v1/leaderboard/history", responses=error_responses(422))

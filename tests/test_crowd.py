@@ -12,6 +12,7 @@ from collections import Counter
 from importlib import resources
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 from typer.testing import CliRunner
@@ -286,6 +287,21 @@ def test_head_to_head_samples_both_models_with_the_same_seed(vllm_settings: Sett
 def test_head_to_head_unknown_model_is_a_clear_error(vllm_settings: Settings):
     with pytest.raises(EvalError, match="policy-v99"):
         head_to_head(vllm_settings, "policy-v99", "base", key_noun_judge, ["Why?"], max_tokens=2)
+
+
+def test_head_to_head_of_a_retired_version_loads_it_for_the_evaluation_only(
+        vllm_settings: Settings, registry, two_policies: list[str], vllm_server):
+    """A rejected (retired) candidate is no longer served; the evaluation loads its adapter
+    under a name of its own and unloads it afterwards."""
+    registry.retire(two_policies[0], actor="test")
+    for _ in range(2):  # loaded, unloaded, loaded again: still its own weights, not the base's
+        result = head_to_head(vllm_settings, two_policies[0], "base",
+                              get_judge("crowd_judges_example:same_or_first"),
+                              load_prompts(which="heldout")[:6], seed=5, max_tokens=8)
+        assert result.n == 6 and result.model == two_policies[0]
+        assert result.ties < 3, result  # the same text as the base's would be a tie
+    served = {m["id"] for m in httpx.get(f"{vllm_server.url}/v1/models").json()["data"]}
+    assert not any(name.startswith("eval-") for name in served), served
 
 
 def test_evaluate_cli_prints_the_result_and_records_it(vllm_settings: Settings):

@@ -82,6 +82,18 @@ def test_reject_after_max_battles_without_qualifying() -> None:
     assert decision.reason.startswith("rejected") and "600 votes" in decision.reason
 
 
+def test_reject_early_when_confidently_worse_than_current() -> None:
+    records = [BASE_CURRENT, policy("policy-v1")]
+    board = {"base": BASE_ROW, "policy-v1": Rating(940.0, 900.0, 999.0, 149)}
+    assert decide(board, records, "base", {}, ON) == []  # too few votes yet
+    board["policy-v1"] = Rating(940.0, 900.0, 999.0, 150)
+    [decision] = decide(board, records, "base", {}, ON)
+    assert (decision.version, decision.action) == ("policy-v1", "reject")
+    assert "upper bound 999.0 below base's rating 1000.0 after 150 votes" in decision.reason
+    board["policy-v1"] = Rating(960.0, 910.0, 1000.0, 150)  # touching is not enough
+    assert decide(board, records, "base", {}, ON) == []
+
+
 def test_reject_on_a_failed_sanity_gate_at_once() -> None:
     broken = {**GOOD_SANITY, "empty_share": 0.5}
     records = [BASE_CURRENT, policy("policy-v1", sanity=broken)]

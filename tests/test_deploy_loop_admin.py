@@ -1,6 +1,7 @@
 """The operator's controls of the loop on the real gateway (uvicorn in a thread; no model
 server is needed for these routes) and the real Redis, and a real Celery worker for cancel:
-GET /admin/learner, pause/resume/cancel, auto-promote pause/resume, their token, the CLI."""
+GET /admin/learner, start/pause/resume/cancel, auto-promote pause/resume, their token, the
+CLI, and the recent errors the operator console lists."""
 
 from __future__ import annotations
 
@@ -71,6 +72,14 @@ def test_learner_controls_need_the_token_then_pause_and_resume(
             assert response.status_code == 401, (method, path, headers, response.text)
             assert response.json()["error"]["code"] == "invalid_admin_token"
     assert not is_paused(client) and not auto_promote_paused(client)
+    # The console's list of recent error answers has them, newest first, behind the token.
+    assert gateway.get("/admin/errors").status_code == 401
+    recent = gateway.get("/admin/errors", params={"limit": 3}, headers=AUTH).json()["data"]
+    assert [(e["method"], e["path"], e["status"], e["code"]) for e in recent] == [
+        ("GET", "/admin/errors", 401, "invalid_admin_token"),
+        ("POST", "/admin/auto-promote/pause", 401, "invalid_admin_token"),
+        ("POST", "/admin/auto-promote/pause", 401, "invalid_admin_token")]
+    assert "token" in recent[0]["message"]
 
     status = gateway.get("/admin/learner", headers=AUTH).json()
     assert status["running"] is None and status["paused"] is False
@@ -82,6 +91,8 @@ def test_learner_controls_need_the_token_then_pause_and_resume(
     assert "paused" in paused.json()["blocked"]
     refused = start_iteration(settings)  # the trigger's call: no iteration while paused
     assert not refused["started"] and "paused" in refused["message"]
+    by_hand = gateway.post("/admin/learner/start", headers=AUTH)  # the operator's: neither
+    assert by_hand.status_code == 409 and "paused" in by_hand.json()["error"]["message"]
     assert IterationLock(client, 0).holder() is None
     assert gateway.post("/admin/learner/resume", headers=AUTH).json()["paused"] is False
     assert why_not_start(client) is None

@@ -195,7 +195,7 @@ def test_probe_reward_model_learns_and_round_trips(votes, tiny_model_dir: Path,
     assert (model.feature_std != 1).any()  # standardised on the training answers
     save_reward_model(model, tmp_path)
     assert not (tmp_path / "adapter_config.json").exists()  # nothing but the heads to keep
-    loaded, tok = load_reward_model(tmp_path, tiny_model_dir)
+    loaded, tok = load_reward_model(tmp_path, tiny_model_dir, preset.precision)
     assert loaded.is_probe and loaded.pooling == "mean" and not loaded.last_token
     p = encode_prompt(tok, [{"role": "user", "content": "Tell me a joke."}], 96)
     batch = pack([p, p], [encode_answer(tok, "Here" + MARKER + " you go.", 32),

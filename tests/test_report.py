@@ -252,6 +252,7 @@ def test_gateway_serves_the_built_report(settings: Settings, loop: redis.Redis) 
             page = client.get("/report")
             assert page.status_code == 200
             assert page.headers["content-type"].startswith("text/html")
+            assert "default-src 'none'" in page.headers["content-security-policy"]
             assert ">policy-v2<" in page.text
 
             plot = client.get("/report/ratings.png")

@@ -144,9 +144,8 @@ async def _served_as(http: httpx.AsyncClient, settings: Settings, version: str
     """The model name to ask vLLM for `version`, and whether it was loaded just for this
     evaluation: a retired version (a rejected candidate) is no longer served, so its adapter
     is loaded under a name of its own (`eval-<version>-<random>`, which no request or replica
-    sync uses) and unloaded afterwards. The name is new each time: vLLM answers an adapter
-    name loaded again after an unload with the base model's weights (measured: 72 ties in 80
-    against base), the reason the learner's rollouts use fresh names too."""
+    sync uses) and unloaded afterwards; new each time, so two evaluations of one version never
+    unload each other's copy."""
     served = await http.get("/v1/models")
     if served.status_code == 200 and version in {m["id"] for m in served.json()["data"]}:
         return version, False

@@ -357,6 +357,12 @@ def simulate(
         False, "--pause-while-learning",
         help="Start no battle or chat while a learner iteration runs (GET /admin/learner, "
              "with the operator token): leaves the learner the CPU."),
+    stuffers: int = typer.Option(
+        0, "--stuffers", min=0,
+        help="How many of the voters vote with --stuffer-judge instead (the anomaly defence's "
+             "test: their battle ids are in the summary)."),
+    stuffer_judge: str = typer.Option("random_votes", "--stuffer-judge",
+                                      help="The stuffers' judge: random_votes, always_a, …"),
 ) -> None:
     """Run a simulated crowd against the gateway's public API: chats, battles, judged votes.
     Prints a summary table, and the summary as JSON (with the voted battle ids) on stdout."""
@@ -374,14 +380,15 @@ def simulate(
                          chat_share=chat_share, seed=seed, max_tokens=max_tokens,
                          timeout_s=timeout_s, until_decided=until_decided,
                          request_timeout_s=settings.request_timeout_s,
-                         pause_while_learning=pause_while_learning,
+                         pause_while_learning=pause_while_learning, stuffers=stuffers,
                          admin_token=admin_token(settings) if pause_while_learning else None)
         chosen = get_judge(judge)
+        stuffing = get_judge(stuffer_judge) if stuffers else None
         questions = load_prompts(prompts)
     except (ValueError, OSError) as error:  # CrowdError is a ValueError
         console.print(f"[bold red]error:[/] {error}")
         raise typer.Exit(2) from error
-    summary = run_crowd(plan, chosen, questions, console)
+    summary = run_crowd(plan, chosen, questions, console, stuffing)
     table = Table("", "", title=f"simulated crowd ({summary.voters} voters, {summary.judge})",
                   show_header=False)
     refused = ", ".join(f"{n}×{status}" for status, n in sorted(summary.votes_refused.items()))

@@ -152,7 +152,7 @@ class Settings(BaseSettings):
     learn_every_votes: int = Field(200, description="New votes that start a learner iteration.")
 
     # --- learner -------------------------------------------------------------------------
-    learner_preset: Literal["tiny", "cpu", "gpu"] = Field("cpu", description="Hyper-parameter preset: tiny (tests), cpu, gpu.")
+    learner_preset: Literal["tiny", "cpu", "cpu-length-control", "gpu"] = Field("cpu", description="Hyper-parameter preset: tiny (tests), cpu, cpu-length-control (the reward model discounts the crowd's length preference), gpu.")
     learner_threads: int = Field(1, description="torch threads for training (leave cores to serving).")
     learner_nice: int = Field(10, description="Niceness of the training worker process.")
     # (added by the learner issue)

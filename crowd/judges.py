@@ -13,6 +13,9 @@ Built-ins (`get_judge(name)`), each a preference over one visible property:
     shorter       prefers the shorter answer (a policy wins it by stopping: not a target)
     key_noun      prefers the answer that mentions the question's key noun (more often)
     no_banned     prefers the answer without the banned word (fewer uses: "the" unless given)
+    key_noun_then_longer  key_noun, and the longer answer where that ties (a length bias,
+                  for the reward model's length control)
+    random_votes, always_a   voters who do not read the answers (the anomaly defence's cases)
 A judge's property is graded where it can be (a count, a length), so two answers tie only
 when they are really equal on it: a crowd that calls most pairs a tie teaches little.
 and `noisy(judge, flip=0.1)`, which flips the verdict with probability `flip` (a crowd is
@@ -105,6 +108,17 @@ def key_noun_judge(messages: list[dict], answer_a: str, answer_b: str,
     return _by_score(mentions(answer_a, noun), mentions(answer_b, noun))
 
 
+def key_noun_then_longer_judge(messages: list[dict], answer_a: str, answer_b: str,
+                               rng: random.Random) -> Verdict:
+    """`key_noun`, and when that is a tie, the longer answer (outside SHORTER_MARGIN): a crowd
+    that prefers content but lets length sway it where the content is equal."""
+    verdict = key_noun_judge(messages, answer_a, answer_b, rng)
+    if verdict != "tie":
+        return verdict
+    shorter_one = shorter(messages, answer_a, answer_b, rng)
+    return {"a": "b", "b": "a"}.get(shorter_one, "tie")
+
+
 def banned_word_judge(word: str = DEFAULT_BANNED_WORD) -> Judge:
     """Prefers the answer without `word` (whole word, any case), or with fewer uses of it."""
     pattern = re.compile(rf"\b{re.escape(word)}\b", flags=re.IGNORECASE)
@@ -134,10 +148,26 @@ def noisy(judge: Judge, flip: float = DEFAULT_FLIP) -> Judge:
     return wrapped
 
 
+def random_votes(messages: list[dict], answer_a: str, answer_b: str,
+                 rng: random.Random) -> Verdict:
+    """Not a judge of the answers: a voter who clicks at random (the anomaly defence's
+    test case, `arena simulate --stuffers`)."""
+    return rng.choice(VERDICTS)
+
+
+def always_a(messages: list[dict], answer_a: str, answer_b: str,
+             rng: random.Random) -> Verdict:
+    """Not a judge of the answers: a voter who always clicks "a"."""
+    return "a"
+
+
 BUILTIN: dict[str, Callable[[], Judge]] = {
     "shorter": lambda: shorter,
     "key_noun": lambda: key_noun_judge,
     "no_banned": lambda: banned_word_judge(),
+    "key_noun_then_longer": lambda: key_noun_then_longer_judge,
+    "random_votes": lambda: random_votes,
+    "always_a": lambda: always_a,
 }
 
 

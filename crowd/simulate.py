@@ -6,7 +6,8 @@ own seeded rng); with probability `chat_share` send a short chat turn to `curren
 prompts reach the learner's prompt pool); otherwise start a battle, let the judge pick a side
 (with the judge's own seeded rng) and vote. 429 waits for Retry-After (capped), 503 and
 refused connections back off and retry a few times; every other bad answer is counted, never
-fatal.
+fatal. The last `stuffers` voters vote with a stuffer judge instead (random, always "a", …):
+the anomaly defence's test crowd; the summary lists their battles.
 
 Bounded three ways: at most `battles` battles over all voters, `timeout_s` of wall time, and
 a loopback gateway only (a crowd of bots is never pointed at a real service by accident).
@@ -133,16 +134,19 @@ class Tally:
     errors: int = 0
     retries: int = 0  # 429 / 503 answers that were waited out and retried
     accepted_battle_ids: list[str] = field(default_factory=list)
+    stuffer_battle_ids: list[str] = field(default_factory=list)  # accepted, from stuffers
     error_samples: list[str] = field(default_factory=list)
 
     @property
     def votes_cast(self) -> int:
         return self.votes_accepted + sum(self.votes_refused.values())
 
-    def vote(self, battle_id: str, status: int) -> None:
+    def vote(self, battle_id: str, status: int, stuffer: bool = False) -> None:
         if status == 200:
             self.votes_accepted += 1
             self.accepted_battle_ids.append(battle_id)
+            if stuffer:
+                self.stuffer_battle_ids.append(battle_id)
         else:
             self.votes_refused[status] += 1
 
@@ -178,6 +182,7 @@ class CrowdPlan:
     request_timeout_s: float = 300.0
     max_errors: int = 100  # a crowd facing a broken service stops instead of spinning
     pause_while_learning: bool = False  # no new battle/chat while a learner iteration runs
+    stuffers: int = 0  # the last this many voters vote with the stuffer judge, not the judge
     # Bearer token for GET /admin/learner; None: the operator token `arena` uses
     # (arena.secrets.admin_token: ARENA_ADMIN_TOKEN, else the one in the data dir).
     admin_token: str | None = field(default=None, repr=False)
@@ -190,6 +195,8 @@ class CrowdPlan:
             raise CrowdError(f"chat share must be in [0, 1), got {self.chat_share}")
         if self.timeout_s <= 0:
             raise CrowdError("timeout must be positive")
+        if not 0 <= self.stuffers <= self.voters:
+            raise CrowdError(f"stuffers must be between 0 and the {self.voters} voters")
         if self.until_decided is not None and self.until_decided < 1:
             raise CrowdError("--until-decided needs K >= 1")
 
@@ -210,6 +217,7 @@ class CrowdSummary:
     accepted_battle_ids: list[str]
     error_samples: list[str]
     learning_s: float = 0.0  # wall time the crowd saw a learner iteration run (paused or not)
+    stuffer_battle_ids: list[str] = field(default_factory=list)  # voted by the stuffers
 
     @property
     def votes_per_s(self) -> float:
@@ -226,8 +234,10 @@ class _Crowd:
     """The shared state of one run: plan, judge, prompts, tally, budget, stop signal."""
 
     def __init__(self, plan: CrowdPlan, judge: Judge, prompts: list[str],
-                 on_update: Callable[[Tally], None] | None) -> None:
+                 on_update: Callable[[Tally], None] | None,
+                 stuffer_judge: Judge | None = None) -> None:
         self.plan, self.judge, self.prompts = plan, judge, prompts
+        self.stuffer_judge = stuffer_judge
         self.on_update = on_update or (lambda tally: None)
         self.tally = Tally()
         self.budget = BattleBudget(plan.battles)
@@ -303,7 +313,8 @@ class _Crowd:
                         return
                     await self.chat(http, prompt)
                 elif self.budget.claim():
-                    await self.battle(http, prompt, judge_rng)
+                    await self.battle(http, prompt, judge_rng,
+                                      stuffer=index >= self.plan.voters - self.plan.stuffers)
                 else:
                     return
 
@@ -321,7 +332,7 @@ class _Crowd:
             self.error(f"chat: HTTP {response.status_code}: {response.text[:200]}")
 
     async def battle(self, http: httpx.AsyncClient, prompt: str,
-                     judge_rng: random.Random) -> None:
+                     judge_rng: random.Random, stuffer: bool = False) -> None:
         messages = [{"role": "user", "content": prompt}]
         body: dict[str, Any] = {"messages": messages}
         if self.plan.max_tokens is not None:
@@ -341,13 +352,14 @@ class _Crowd:
             return
         self.tally.battles_created += 1
         try:
-            verdict = checked_verdict(self.judge, messages, answer_a, answer_b, judge_rng)
+            judge = self.stuffer_judge if stuffer and self.stuffer_judge else self.judge
+            verdict = checked_verdict(judge, messages, answer_a, answer_b, judge_rng)
         except Exception as error:  # a user's judge: report it, keep the crowd going
             self.error(f"judge: {error!r}")
             return
         vote = await self.post(http, f"/v1/battles/{battle_id}/vote", {"winner": verdict})
         if vote is not None:
-            self.tally.vote(battle_id, vote.status_code)
+            self.tally.vote(battle_id, vote.status_code, stuffer)
             self.on_update(self.tally)
 
     async def wait_learner_idle(self) -> None:
@@ -425,15 +437,19 @@ def _judge_name(judge: Judge) -> str:
 
 
 async def run_crowd(plan: CrowdPlan, judge: Judge, prompts: list[str],
-                    on_update: Callable[[Tally], None] | None = None) -> CrowdSummary:
+                    on_update: Callable[[Tally], None] | None = None,
+                    stuffer_judge: Judge | None = None) -> CrowdSummary:
     """Run the crowd until its battles are voted, its time is up, or (with until_decided)
-    enough policies are decided; the summary of what it did."""
+    enough policies are decided; the summary of what it did. The last `plan.stuffers`
+    voters vote with `stuffer_judge` (e.g. random_votes) instead of `judge`."""
     if not prompts:
         raise CrowdError("no prompts to ask")
+    if plan.stuffers and stuffer_judge is None:
+        raise CrowdError("stuffers need a stuffer judge")
     token = plan.admin_token
     if plan.pause_while_learning and token is None:
         token = default_admin_token()
-    crowd = _Crowd(plan, judge, prompts, on_update)
+    crowd = _Crowd(plan, judge, prompts, on_update, stuffer_judge)
     started = time.monotonic()
     watchers = []
     if plan.pause_while_learning:
@@ -466,7 +482,8 @@ async def run_crowd(plan: CrowdPlan, judge: Judge, prompts: list[str],
         chats=tally.chats, errors=tally.errors, retries=tally.retries,
         elapsed_s=round(time.monotonic() - started, 3), stopped=crowd.stopped or "battles",
         decided=sorted(crowd.decided), accepted_battle_ids=list(tally.accepted_battle_ids),
-        error_samples=list(tally.error_samples), learning_s=round(crowd.learning_s, 3))
+        error_samples=list(tally.error_samples), learning_s=round(crowd.learning_s, 3),
+        stuffer_battle_ids=list(tally.stuffer_battle_ids))
 
 
 def default_admin_token() -> str:
@@ -478,10 +495,11 @@ def default_admin_token() -> str:
 
 
 def simulate(plan: CrowdPlan, judge: Judge, prompts: list[str],
-             console: Console | None = None) -> CrowdSummary:
+             console: Console | None = None,
+             stuffer_judge: Judge | None = None) -> CrowdSummary:
     """run_crowd with a rich progress bar on `console` (none when console is None)."""
     if console is None:
-        return asyncio.run(run_crowd(plan, judge, prompts))
+        return asyncio.run(run_crowd(plan, judge, prompts, stuffer_judge=stuffer_judge))
     columns = (TextColumn("[bold]crowd[/] votes"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]:.2f} votes/s"),
                TextColumn("chats {task.fields[chats]}"),
@@ -495,4 +513,4 @@ def simulate(plan: CrowdPlan, judge: Judge, prompts: list[str],
             progress.update(task, completed=tally.votes_cast, chats=tally.chats,
                             rate=tally.votes_accepted / elapsed, errors=tally.errors)
 
-        return asyncio.run(run_crowd(plan, judge, prompts, update))
+        return asyncio.run(run_crowd(plan, judge, prompts, update, stuffer_judge))

@@ -104,7 +104,12 @@ def sanity_failures(sanity: Mapping[str, Any] | None) -> list[str]:
     its parent's."""
     if not sanity:
         return []
-    parent = sanity.get("parent") or {}
+    # The reference is the parent, but never stricter than the base: a parent that ends more
+    # of its answers than the base did must not make a child at the base's level "broken".
+    parent = dict(sanity.get("parent") or {})
+    for key, value in (sanity.get("base") or {}).items():
+        if key in ("cut_off_share", "repetition", "mean_length") and key in parent:
+            parent[key] = max(parent[key], value)
     failures = []
     if sanity.get("empty_share", 0.0) > MAX_EMPTY_SHARE:
         failures.append(f"{sanity['empty_share']:.0%} empty answers (max {MAX_EMPTY_SHARE:.0%})")

@@ -294,6 +294,12 @@ class Archive:
             return {session: score for session, score in conn.execute(
                 select(voters.c.session, voters.c.score).where(voters.c.flagged.is_(True)))}
 
+    def voter_scores(self) -> dict[str, float]:
+        """Every scored session and its score."""
+        with self.engine.connect() as conn:
+            return {session: score for session, score in conn.execute(
+                select(voters.c.session, voters.c.score))}
+
     # --- reads -------------------------------------------------------------------------
     def count(self) -> int:
         """Archived votes."""

@@ -11,6 +11,7 @@ re-used, so a re-run trains on the same data.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -299,12 +300,19 @@ def run_policy(settings: Settings, task_id: str, rm_version: str | None = None,
                      if v.winner in ("a", "b")]
 
     factory = rollout_factory or make_rollout_factory(settings, preset, work, task_id)
+    # The adaptive β goes on from where the parent's PPO run left it (one controller over
+    # the loop); an operator's adapter or the base has none.
+    initial_kl_coef = None
+    if preset.ppo.adaptive_kl and parent_path is not None:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            initial_kl_coef = float(artifacts.read_manifest(parent_path)["metrics"]
+                                    ["kl_coef_final"])
     dense = preset.ppo.dense_reward and reward_model.token_head is not None
     reward_fn = reward_model.score_tokens if dense else reward_model.score
     result = train_policy(settings.base_model_path, preset.ppo, reward_fn, pool,
                           factory, parent_adapter=parent_path, progress=progress,
                           checkpoint_dir=work / "checkpoints", ptx_texts=ptx_texts,
-                          guard=guard)
+                          guard=guard, initial_kl_coef=initial_kl_coef)
 
     version = artifacts.allocate_id(versions, "policy", _next_id(registry, "policy"))
     final = versions / version

@@ -7,7 +7,9 @@
                  separate value model
     reward       r_t = −β·(log π − log π_ref) per token + r_θ(x, y) (normalised RM score) at
                  the last token, or spread over the tokens that earned it when the RM has
-                 a token sum (dense_reward; same total per answer)
+                 a token sum (dense_reward; same total per answer), less the preset's
+                 rule-based penalties at the last token: a cut-off answer
+                 (missing_eos_penalty), repeated word 3-grams (repetition_penalty × share)
 
 One PPO step: sample answers (rollout backend) → one no-grad pass each of policy (old
 log-probs, values), reference and reward model → per-token rewards → GAE → a few epochs of
@@ -38,6 +40,7 @@ from learner.precision import amp_dtype, autocast, pick_device
 from learner.presets import PPOPreset
 from learner.prompt_pool import PromptPool
 from learner.rollout import RolloutBackend
+from learner.sanity import repetition_share
 from learner.sequences import PackedBatch, encode_prompt, pack
 
 log = logging.getLogger(__name__)
@@ -118,6 +121,17 @@ def policy_forward(model: Any, value_head: ValueHead | None, batch: PackedBatch,
     logprobs = ppo.logprobs_from_logits(logits, batch.responses)
     values = value_head(states) if value_head is not None else None
     return logprobs, values, (logits if need_logits else None)
+
+
+def charge(scores: torch.Tensor, batch: PackedBatch, penalty: torch.Tensor) -> torch.Tensor:
+    """Scores less a per-answer penalty: from the score, or (dense scores, (B, T)) from the
+    last token's term."""
+    if scores.dim() == 1:
+        return scores - penalty
+    scores = scores.clone()
+    rows = torch.arange(len(scores), device=scores.device)
+    scores[rows, batch.response_lengths.to(scores.device) - 1] -= penalty
+    return scores
 
 
 @torch.no_grad()
@@ -251,10 +265,12 @@ def train_policy(base_model: Path, preset: PPOPreset, reward_fn: RewardFn, pool:
                  parent_adapter: Path | None = None, progress: Progress | None = None,
                  checkpoint_dir: Path | None = None,
                  ptx_texts: list[list[int]] | None = None,
-                 guard: Callable[[], None] | None = None) -> PolicyTrainResult:
+                 guard: Callable[[], None] | None = None,
+                 initial_kl_coef: float | None = None) -> PolicyTrainResult:
     """Run `preset.steps` PPO steps; `rollout_factory(tokenizer)` builds the rollout backend.
     `guard()` runs before each checkpoint write and raises if this run may no longer write
-    (it lost the learner lock)."""
+    (it lost the learner lock). `initial_kl_coef`: where the adaptive β starts (the parent
+    run's final β, so that one controller spans the loop's iterations; None: the preset's)."""
     torch.manual_seed(preset.seed)
     rng = random.Random(preset.seed)
     model, value_head, tokenizer = load_policy(base_model, preset, parent_adapter)
@@ -264,19 +280,17 @@ def train_policy(base_model: Path, preset: PPOPreset, reward_fn: RewardFn, pool:
     eos_id = tokenizer.eos_token_id
     params = [p for p in model.parameters() if p.requires_grad] + list(value_head.parameters())
     optimizer = torch.optim.AdamW(params, lr=preset.lr, eps=ADAM_EPS, weight_decay=0.0)
-    kl_ctl: ppo.FixedKLController | ppo.AdaptiveKLController = (
-        ppo.AdaptiveKLController(preset.kl_coef, preset.kl_target, preset.kl_horizon)
-        if preset.adaptive_kl else ppo.FixedKLController(preset.kl_coef))
     eval_prompts = pool.fixed(preset.eval_prompts)
     rollout = rollout_factory(tokenizer)
     try:
         # 0. Start, or resume from the last complete checkpoint of this run.
         start_step, history, seconds_before = 0, [], 0.0
         checkpoint = latest_checkpoint(checkpoint_dir)
+        state = None
         if checkpoint is not None:
             state = load_checkpoint(checkpoint, model, value_head, optimizer)
             start_step, history, eval_start = state.step, state.history, state.eval_start
-            kl_ctl.value, seconds_before = state.kl_coef, state.seconds
+            seconds_before = state.seconds
             rng.setstate(state.python_rng)
             torch.set_rng_state(state.torch_rng)
             log.info("resuming PPO from %s (step %d)", checkpoint, start_step)
@@ -285,6 +299,17 @@ def train_policy(base_model: Path, preset: PPOPreset, reward_fn: RewardFn, pool:
             rollout.sync(model, 0)
             eval_start = evaluate_policy(model, tokenizer, rollout, reward_fn, eval_prompts,
                                          preset, amp=amp)
+        # The KL target: absolute, or counted from where the parent already is (its KL to
+        # π_ref on the evaluation prompts), so that every iteration of the loop may move
+        # `kl_target` nats further than its parent instead of being pulled back to the base.
+        kl_target = preset.kl_target + (max(0.0, eval_start["kl"])
+                                        if preset.kl_target_from_parent else 0.0)
+        kl_ctl: ppo.FixedKLController | ppo.AdaptiveKLController = (
+            ppo.AdaptiveKLController(initial_kl_coef or preset.kl_coef, kl_target,
+                                     preset.kl_horizon)
+            if preset.adaptive_kl else ppo.FixedKLController(preset.kl_coef))
+        if state is not None:
+            kl_ctl.value = state.kl_coef
         started = time.monotonic()
 
         for step in range(start_step, preset.steps):
@@ -304,13 +329,13 @@ def train_policy(base_model: Path, preset: PPOPreset, reward_fn: RewardFn, pool:
                 ref_logprobs = reference_logprobs(model, batch, preset.temperature, amp=amp)
                 scores = reward_fn(batch).to(device)
                 ended = torch.tensor([r[-1] == eos_id for r in responses], device=device)
+                repeated = torch.tensor([repetition_share(tokenizer.decode(
+                    r, skip_special_tokens=True)) for r in responses], device=device)
                 if preset.missing_eos_penalty is not None:
-                    penalty = torch.where(ended, 0.0, preset.missing_eos_penalty)
-                    if scores.dim() == 2:  # dense: charged at the last token
-                        last = batch.response_lengths - 1
-                        scores[torch.arange(len(scores), device=device), last] -= penalty
-                    else:
-                        scores = scores - penalty
+                    scores = charge(scores, batch, torch.where(ended, 0.0,
+                                                               preset.missing_eos_penalty))
+                if preset.repetition_penalty is not None:
+                    scores = charge(scores, batch, preset.repetition_penalty * repeated)
 
                 # 3. Per-token rewards r_t = −β·kl_t (+ score at the last token), then GAE.
                 rewards, kl = ppo.per_token_rewards(old_logprobs, ref_logprobs, scores, mask,
@@ -379,13 +404,15 @@ def train_policy(base_model: Path, preset: PPOPreset, reward_fn: RewardFn, pool:
                 "non_score_reward": (-kl_coef_used * mean_kl),
                 "answer_tokens": batch.response_lengths.float().mean().item(),
                 "ended_share": ended.float().mean().item(),
+                "repetition": repeated.mean().item(),
                 "generate_s": generate_s, "score_s": score_s, "update_s": update_s,
                 "step_s": time.monotonic() - step_started,
                 "eta_s": eta, **{k: (sum(v) / len(v) if v else None) for k, v in stats.items()},
             }
             history.append(row)
-            log.info("ppo step %d/%d reward %.3f kl %.3f entropy %.3f loss %.4f eta %.0fs",
-                     done, preset.steps, row["reward"], mean_kl, row["entropy"], row["loss"], eta)
+            log.info("ppo step %d/%d reward %.3f kl %.3f (target %.1f, β %.4f) entropy %.3f "
+                     "loss %.4f eta %.0fs", done, preset.steps, row["reward"], mean_kl,
+                     kl_target, kl_coef_used, row["entropy"], row["loss"], eta)
             if progress is not None:
                 progress({"phase": "policy", **row})
             if (checkpoint_dir is not None and preset.checkpoint_every
@@ -404,7 +431,8 @@ def train_policy(base_model: Path, preset: PPOPreset, reward_fn: RewardFn, pool:
         metrics = {
             "reward_start": eval_start["reward"], "reward_end": eval_end["reward"],
             "kl_start": eval_start["kl"], "kl_end": eval_end["kl"],
-            "kl_target": preset.kl_target, "kl_coef_final": kl_ctl.value,
+            "kl_target": kl_target, "kl_coef_start": initial_kl_coef or preset.kl_coef,
+            "kl_coef_final": kl_ctl.value,
             "answer_tokens_end": eval_end["answer_tokens"], "steps": preset.steps,
             "resumed_from_step": start_step, "seconds": seconds,
             "samples_per_s": samples / seconds if seconds > 0 else math.nan,

@@ -9,7 +9,7 @@ temperature. A preset is frozen; derive a variant with `dataclasses.replace`.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 TieMode = Literal["half", "skip"]
@@ -39,6 +39,7 @@ class RewardPreset:
     eval_every_steps: int = 0  # held-out evaluation every k steps too (0 = once per epoch)
     max_train_pairs: int | None = None  # train on the newest N pairs only (a time budget)
     token_sum: bool = True  # add the per-token sum to the last-token readout (reward_model.py)
+    length_control: bool = False  # a length covariate in the loss absorbs the crowd's length bias
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     precision: Precision = "auto"
@@ -61,12 +62,15 @@ class PPOPreset:
     adaptive_kl: bool = False
     kl_target: float = 6.0  # nats per answer (sum over tokens), also the bound the tests check
     kl_horizon: int = 10_000
+    kl_target_from_parent: bool = False  # the target counts from the parent's own KL
     whiten_advantages: bool = True
     whiten_rewards: bool = False
     max_new_tokens: int = 48
     max_prompt_tokens: int = 256
     temperature: float = 1.0
     missing_eos_penalty: float | None = None  # subtracted from the score of cut-off answers
+    # × the answer's repeated word 3-gram share (the sanity gate's measure), subtracted too
+    repetition_penalty: float | None = None
     dense_reward: bool = False  # RM score spread over the tokens that earned it (token sum)
     ptx_coef: float = 0.0  # InstructGPT's γ: LM loss on reference texts (0 = off)
     ptx_batch: int = 4
@@ -125,9 +129,24 @@ PRESETS: dict[str, Preset] = {
         # (the probe's token terms credited where they were earned, same total) made the
         # difference in the loop: policy-v1 with it won 81 % of held-out head-to-heads against
         # base (sparse, the run before: 59 %), eval reward -0.72 -> 1.05, KL 14.9.
+        # Iteration 2 of that run, from policy-v1 (KL 14.9) with β fixed at 0.05 against the
+        # base: reward 0.555 -> 0.558, KL 14.9 -> 11.7, pulled back, and policy-v2 won 40 % of
+        # head-to-heads against v1; β 0.01 ran off (KL 56, repetition 0.35, refused by the
+        # sanity gate). Hence the adaptive β with a target counted from the parent's KL:
+        # each iteration may move kl_target nats further than its parent, β continued from
+        # the parent's run, at most ±4 % a step (horizon 80 at 16 answers a step; ±8 % took
+        # iteration 1 to KL 27.8, all sanity answers cut off at 48 tokens: refused). At ±2 %
+        # iteration 2 went on (KL 16 -> 32.5, reward 0.31 -> 1.66) by repeating itself: the
+        # sanity gate refused it (repeated 3-grams 0.33, parent 0.03); the repetition
+        # penalty charges in training what the gate refuses. With it (±2 %): KL 14.5 -> 16,
+        # eval reward 0.23 -> 0.47, v2 won 58.8 % [47.8, 68.9] against v1: too small a step.
+        # ±4 %: iteration 1 KL 14.2 (β 0.05 -> 0.030), iteration 2 KL 14.2 -> 30.2 (β 0.030
+        # -> 0.019), repetition 0.045; v2 won 67.5 % [56.6, 76.8] against v1, 85.6 % vs base.
         ppo=PPOPreset(lr=5e-4, steps=16, rollout_batch=16, minibatch_size=8, ppo_epochs=2,
                       max_new_tokens=48, max_prompt_tokens=256, lora_rank=8, lora_alpha=16,
-                      dense_reward=True, eval_prompts=16, checkpoint_every=5),
+                      dense_reward=True, eval_prompts=16, checkpoint_every=5,
+                      kl_coef=0.05, adaptive_kl=True, kl_target=12.0, kl_horizon=80,
+                      kl_target_from_parent=True, repetition_penalty=3.0),
     ),
     # One GPU: bigger batches and longer answers, the adaptive KL controller on.
     "gpu": Preset(
@@ -140,6 +159,12 @@ PRESETS: dict[str, Preset] = {
                       eval_prompts=64, checkpoint_every=20),
     ),
 }
+
+# The `cpu` preset whose reward model is trained with length control (reward_model.py): for a
+# crowd that also prefers longer answers, so that PPO cannot win by length alone.
+PRESETS["cpu-length-control"] = replace(
+    PRESETS["cpu"], name="cpu-length-control",
+    reward=replace(PRESETS["cpu"].reward, length_control=True))
 
 
 def get_preset(name: str) -> Preset:

@@ -502,11 +502,12 @@ def plot_rm_accuracy(reward_models: list[RewardModelInfo], path: Path) -> Path:
 
 @_plain_text
 def plot_ppo(policies: list[PolicyInfo], path: Path) -> Path:
-    """Rollout reward and KL(π‖π_ref) per PPO step, one line per policy version."""
+    """Rollout reward, KL(π‖π_ref) and the KL coefficient β per PPO step, one line per policy
+    version."""
     from matplotlib.ticker import MaxNLocator
 
-    fig = _figure(11, 4)
-    ax_reward, ax_kl = fig.subplots(1, 2)
+    fig = _figure(15, 4)
+    ax_reward, ax_kl, ax_beta = fig.subplots(1, 3)
     for policy in policies:
         rows = [r for r in policy.history if _number(r.get("step")) is not None]
         steps = [r["step"] for r in rows]
@@ -514,6 +515,8 @@ def plot_ppo(policies: list[PolicyInfo], path: Path) -> Path:
                                  markersize=3, label=policy.id)
         ax_kl.plot(steps, [_number(r.get("kl")) for r in rows], marker="o", markersize=3,
                    color=line.get_color(), label=policy.id)
+        ax_beta.plot(steps, [_number(r.get("kl_coef")) for r in rows], marker="o",
+                     markersize=3, color=line.get_color(), label=policy.id)
         target = _number(policy.metrics.get("kl_target"))
         if target is not None:
             ax_kl.axhline(target, color=line.get_color(), ls="--", linewidth=0.8, alpha=0.6)
@@ -521,7 +524,9 @@ def plot_ppo(policies: list[PolicyInfo], path: Path) -> Path:
                   ylabel="reward")
     ax_kl.set(title="PPO: KL(π‖π_ref) per answer (dashed: target)", xlabel="PPO step",
               ylabel="nats")
-    for ax in (ax_reward, ax_kl):
+    ax_beta.set(title="PPO: KL coefficient β (adaptive: toward the target)",
+                xlabel="PPO step", ylabel="β")
+    for ax in (ax_reward, ax_kl, ax_beta):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(loc="best", fontsize=8)

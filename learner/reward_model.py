@@ -47,6 +47,16 @@ layer) and each step runs only the top layers on it: an epoch costs the top laye
 and backward, so a few hundred votes can be seen several times in the time one plain epoch
 took (a few hundred votes underfit in one pass: train loss ≈ ln 2).
 
+Length control (`RewardPreset.length_control`, off by default): a crowd that prefers the
+longer answer teaches the RM to pay for length, and PPO then wins by writing more. As in
+Chatbot Arena's style control (elo/style_control.py), the length difference is a covariate of
+the training loss only:
+
+    P(a ≻ b) = σ(r_a − r_b + γ·d),   d = (n_a − n_b) / (n_a + n_b),  n = answer tokens
+
+γ is one learned, unpenalised scalar, so the part of the votes that length explains goes to
+γ, not to r (whose heads pay the L2); PPO receives r alone. The manifest records γ.
+
 Details that matter (N implementation details of RLHF): the reward is read at the last real
 answer token (padding found from lengths, position ids from the attention mask, see
 sequences.py); the head starts small, N(0, 1/√(d+1)), so early rewards are near 0; dropout
@@ -82,6 +92,7 @@ HELD_OUT_BUCKETS = 100  # the held-out split is hash(vote id) mod 100 < eval_per
 TARGET = {"a": 1.0, "b": 0.0, "tie": 0.5}  # P(a ≻ b) the loss aims at, per outcome
 NORM_EPS = 1e-6
 TOKEN_SUM_SCALE = 32.0  # the token sum counts in units of 32 tokens: O(1) for answers we score
+LENGTH_WEIGHT_LR = 0.05  # Adam rate of the length covariate γ (length_control)
 # Scores of 2 x 256 answers pin the scale to a few per cent; scoring every training answer
 # took as long as a third of the training itself.
 NORM_SAMPLE_PAIRS = 256
@@ -441,6 +452,13 @@ def pair_deltas(model: RewardModel, pairs: list[Pair], pad_id: int,
     return rewards[: len(pairs)] - rewards[len(pairs):]  # Δ = r_a − r_b
 
 
+def length_difference(pairs: list[Pair], device: torch.device) -> torch.Tensor:
+    """d = (n_a − n_b) / (n_a + n_b) per pair, n = answer tokens (0 when both are empty)."""
+    n_a = torch.tensor([len(p.answer_a) for p in pairs], dtype=torch.float32, device=device)
+    n_b = torch.tensor([len(p.answer_b) for p in pairs], dtype=torch.float32, device=device)
+    return (n_a - n_b) / (n_a + n_b).clamp(min=1.0)
+
+
 def pair_metrics(deltas: torch.Tensor, targets: torch.Tensor) -> dict[str, float | None]:
     """Accuracy on decisive votes (the winner scored higher), calibration = mean |p − outcome|
     with p = σ(Δ) and outcome 1 / 0 / ½ (a won / b won / tie), and the mean BT loss."""
@@ -519,9 +537,14 @@ def train_reward_model(votes: list[VoteRecord], base_model: Path, preset: Reward
     # they would barely move in one pass over a few hundred votes.
     heads = {id(p) for name, p in model.named_parameters() if name.startswith(("head.",
                                                                               "token_head."))}
+    # γ of the length covariate (module doc): kept outside the model, as scoring never uses
+    # it; one scalar, so it gets its own fixed rate (Adam moves it about that much a step).
+    length_weight = torch.zeros((), device=model.device, requires_grad=preset.length_control)
     optimizer = torch.optim.AdamW(
         [{"params": [p for p in params if id(p) not in heads], "lr": preset.lr},
-         {"params": [p for p in params if id(p) in heads], "lr": preset.head_lr or preset.lr}],
+         {"params": [p for p in params if id(p) in heads], "lr": preset.head_lr or preset.lr},
+         {"params": [length_weight] if preset.length_control else [], "lr": LENGTH_WEIGHT_LR,
+          "weight_decay": 0.0}],
         weight_decay=preset.weight_decay)
     steps_per_epoch = math.ceil(len(train) / preset.batch_size)
     total = preset.epochs * steps_per_epoch
@@ -535,7 +558,10 @@ def train_reward_model(votes: list[VoteRecord], base_model: Path, preset: Reward
         for start in range(0, len(train), preset.batch_size):
             chunk = train[start:start + preset.batch_size]
             targets = torch.tensor([p.target for p in chunk], device=model.device)
-            loss = bradley_terry_loss(pair_deltas(model, chunk, pad_id, cache), targets).mean()
+            deltas = pair_deltas(model, chunk, pad_id, cache)
+            if preset.length_control:
+                deltas = deltas + length_weight * length_difference(chunk, model.device)
+            loss = bradley_terry_loss(deltas, targets).mean()
             if preset.head_l2:
                 loss = loss + preset.head_l2 * head_penalty(model)
             optimizer.zero_grad()
@@ -585,6 +611,7 @@ def train_reward_model(votes: list[VoteRecord], base_model: Path, preset: Reward
         "n_train": len(train), "pairs": vars(counts),
         "reward_mean": model.reward_mean.item(), "reward_std": model.reward_std.item(),
         "steps": step, "seconds": time.monotonic() - started,
+        "length_weight": length_weight.item() if preset.length_control else None,
     }
     model.requires_grad_(False)
     return RewardTrainResult(model, tokenizer, metrics, history)

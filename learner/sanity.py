@@ -12,7 +12,8 @@ answers is summarised by `answer_stats`:
                     (pooled over the answers)
     mean_length     mean answer length in characters
 
-run_policy stores them as metrics["sanity"] = {...new policy..., "parent": {...}}.
+run_policy stores them as metrics["sanity"] = {...new policy..., "parent": {...}}, and the
+base's under "base" when the parent is not the base.
 """
 
 from __future__ import annotations
@@ -24,10 +25,23 @@ from typing import Any
 
 from learner.presets import PPOPreset, Precision
 
-SANITY_PROMPTS = 16
+SANITY_PROMPTS = 32  # at 16, one run's 7 → 12 cut-off answers refused a candidate
 SANITY_TEMPERATURE = 0.8  # the serving default the crowd's answers are drawn at
 SANITY_SEED = 0
 PARENT_ADAPTER = "sanity-parent"  # name the parent's adapter is loaded under, briefly
+
+
+def repeated_trigrams(answer: str) -> tuple[int, int]:
+    """(word 3-grams of the answer, those that repeat an earlier 3-gram of it)."""
+    words = answer.split()
+    grams = [tuple(words[i:i + 3]) for i in range(len(words) - 2)]
+    return len(grams), len(grams) - len(set(grams))
+
+
+def repetition_share(answer: str) -> float:
+    """One answer's `repetition` (0 for answers under three words)."""
+    total, repeated = repeated_trigrams(answer)
+    return repeated / total if total else 0.0
 
 
 def answer_stats(answers: list[str], cut_off: list[bool]) -> dict[str, float]:
@@ -37,10 +51,9 @@ def answer_stats(answers: list[str], cut_off: list[bool]) -> dict[str, float]:
     n = len(answers)
     grams_total = grams_repeated = 0
     for answer in answers:
-        words = answer.split()
-        grams = [tuple(words[i:i + 3]) for i in range(len(words) - 2)]
-        grams_total += len(grams)
-        grams_repeated += len(grams) - len(set(grams))
+        total, repeated = repeated_trigrams(answer)
+        grams_total += total
+        grams_repeated += repeated
     return {
         "answers": n,
         "empty_share": sum(1 for a in answers if not a.strip()) / n,
@@ -122,4 +135,8 @@ def policy_sanity(model: Any, tokenizer: Any, parent_adapter: Path | None,
     new = answer_stats(*generate_answers(model, *args))
     with parent_policy(model, parent_adapter):
         parent = answer_stats(*generate_answers(model, *args))
-    return {**new, "parent": parent}
+    if parent_adapter is None:
+        return {**new, "parent": parent}
+    with parent_policy(model, None):  # the base too, the gate's floor (deploy/decision.py)
+        base = answer_stats(*generate_answers(model, *args))
+    return {**new, "parent": parent, "base": base}

@@ -16,6 +16,12 @@ def prefers_first(messages: list[dict], answer_a: str, answer_b: str,
     return "a"
 
 
+def prefers_second(messages: list[dict], answer_a: str, answer_b: str,
+                   rng: random.Random) -> str:
+    """Always the answer shown second."""
+    return "b"
+
+
 def same_or_first(messages: list[dict], answer_a: str, answer_b: str,
                   rng: random.Random) -> str:
     """A tie when both answers are the same text, else the first."""

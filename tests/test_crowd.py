@@ -116,6 +116,18 @@ def test_key_noun_judge_prefers_the_answer_that_mentions_the_topic():
     assert key_noun_judge(ASK, "No idea.", "Ask someone.", rng) == "tie"
 
 
+def test_key_noun_then_longer_lets_length_decide_only_where_the_topic_ties():
+    rng = random.Random(0)
+    judge = get_judge("key_noun_then_longer")
+    # the topic first, even against a much longer answer
+    assert judge(ASK, "Koalas eat leaves.", "No idea at all, ask someone who knows it.",
+                 rng) == "a"
+    # equal mentions: the longer answer; equal lengths: a tie
+    assert judge(ASK, "No idea.", "No idea at all, ask someone who knows it.", rng) == "b"
+    assert judge(ASK, "Koalas eat leaves all day long.", "Koalas eat.", rng) == "a"
+    assert judge(ASK, "No idea.", "No clue.", rng) == "tie"
+
+
 def test_noisy_flips_about_a_tenth_of_the_verdicts():
     always_a = noisy(lambda messages, a, b, rng: "a", 0.1)
     rng = random.Random(7)
@@ -210,7 +222,8 @@ def test_decided_policies():
 
 def test_crowd_plan_is_checked():
     url = "http://127.0.0.1:1"
-    for bad in ({"voters": 0}, {"chat_share": 1.0}, {"timeout_s": 0}, {"until_decided": 0}):
+    for bad in ({"voters": 0}, {"chat_share": 1.0}, {"timeout_s": 0}, {"until_decided": 0},
+                {"voters": 2, "stuffers": 3}):
         with pytest.raises(CrowdError):
             CrowdPlan(url=url, **bad)
 
@@ -381,6 +394,28 @@ def test_simulate_cli_prints_the_summary_as_json(gateway, gateway_settings: Sett
     records = [VoteRecord.from_json(fields[b"record"]) for _, fields in client.xrange(VOTES_STREAM)]
     assert sorted(r.battle_id for r in records) == sorted(summary["accepted_battle_ids"])
     assert {r.winner for r in records} == {"a"}
+
+
+def test_stuffers_vote_with_their_own_judge_from_their_own_sessions(gateway,
+                                                                   gateway_settings: Settings):
+    """The anomaly defence's test crowd: the last voters vote with the stuffer judge, and the
+    summary names their battles."""
+    result = CliRunner().invoke(app, ["simulate", "--url", gateway.url, "--voters", "3",
+                                      "--battles", "9", "--max-tokens", "2", "--seed", "5",
+                                      "--judge", "always_a", "--stuffers", "1",
+                                      "--stuffer-judge", "crowd_judges_example:prefers_second"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    stuffed = set(summary["stuffer_battle_ids"])
+    assert stuffed and stuffed < set(summary["accepted_battle_ids"])
+    client = redis.Redis.from_url(gateway_settings.effective_redis_url)
+    records = [VoteRecord.from_json(fields[b"record"]) for _, fields in client.xrange(VOTES_STREAM)]
+    by_stuffer = [r for r in records if r.battle_id in stuffed]
+    honest = [r for r in records if r.battle_id not in stuffed]
+    assert len({r.session for r in by_stuffer}) == 1  # one stuffer, one session
+    assert not {r.session for r in by_stuffer} & {r.session for r in honest}
+    assert {r.winner for r in honest} == {"a"}
+    assert {r.winner for r in by_stuffer} == {"b"}
 
 
 def test_crowd_until_decided_stops_once_a_candidate_is_promoted(gateway, registry, two_policies):

@@ -120,6 +120,19 @@ def test_sanity_gate_rules(change: dict, words: str) -> None:
     assert sanity_failures(None) == []  # not measured: nothing to hold against it
 
 
+def test_sanity_gate_never_holds_a_candidate_to_a_stricter_standard_than_the_base() -> None:
+    """A parent that ends more answers than the base: a child cut off as often as the base is
+    not broken (the loop's iteration 2 was refused so: 75 % cut off, parent 44 %, base 69 %)."""
+    child = {**GOOD_SANITY, "cut_off_share": 0.75,
+             "parent": {**PARENT_STATS, "cut_off_share": 0.44}}
+    assert "cut off" in sanity_failures(child)[0]  # against the parent alone
+    with_base = {**child, "base": {**PARENT_STATS, "cut_off_share": 0.69}}
+    assert sanity_failures(with_base) == []
+    # the floor lifts the reference, never lowers it: a base below the parent changes nothing
+    assert sanity_failures({**child, "base": {**PARENT_STATS, "cut_off_share": 0.1}}) != []
+    assert sanity_failures({**with_base, "cut_off_share": 0.69 + 0.3 + 0.01}) != []
+
+
 def test_rollback_when_ratings_put_a_promoted_version_below_its_parent() -> None:
     promoted = policy("policy-v1", state="current", promoted_by="auto-promote",
                       promoted_at=time.time())

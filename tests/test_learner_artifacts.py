@@ -21,6 +21,7 @@ from learner.pipeline import registry_for, run_policy, run_reward_model
 from learner.plot import plot_iteration
 from learner.presets import get_preset
 from learner.prompt_pool import load_shipped_prompts
+from learner.sanity import SANITY_PROMPTS
 from learner.synthetic import hidden_rule_votes
 from learner.votes import write_jsonl
 
@@ -174,7 +175,7 @@ def test_policy_goes_through_the_adapter_check_and_carries_sanity_figures(
     sanity = record.metrics["sanity"]
     figures = {"answers", "empty_share", "cut_off_share", "repetition", "mean_length"}
     assert set(sanity) == figures | {"parent"} and set(sanity["parent"]) == figures
-    assert sanity["answers"] == sanity["parent"]["answers"] == 16
+    assert sanity["answers"] == sanity["parent"]["answers"] == SANITY_PROMPTS
     assert all(0.0 <= sanity[k] <= 1.0 for k in ("empty_share", "cut_off_share", "repetition"))
     # only the trained adapter is published (the parent's was loaded beside it, then removed)
     assert not [p for p in Path(first["path"]).iterdir() if p.is_dir()]
@@ -182,8 +183,10 @@ def test_policy_goes_through_the_adapter_check_and_carries_sanity_figures(
     # From that policy: its parent's figures are the ones it had itself (same prompts and
     # seeded draws).
     second = run_policy(settings, "task-second", parent=first["version"], registry=registry)
-    parent_figures = registry.get(second["version"]).metrics["sanity"]["parent"]
-    assert parent_figures == {k: v for k, v in sanity.items() if k != "parent"}
+    second_sanity = registry.get(second["version"]).metrics["sanity"]
+    assert second_sanity["parent"] == {k: v for k, v in sanity.items() if k != "parent"}
+    # ... and the base's, the gate's floor, are the first one's parent's
+    assert second_sanity["base"] == sanity["parent"]
 
 
 class _RunsCode:

@@ -14,6 +14,7 @@ from arena.settings import Settings
 from learner import artifacts
 from learner.pipeline import registry_for
 from learner.prompt_pool import load_shipped_prompts
+from learner.sanity import SANITY_PROMPTS
 from learner.synthetic import hidden_rule_votes
 from learner.trigger import IterationLock, follow_iteration, start_iteration, task_status
 from learner.votes import write_jsonl
@@ -80,7 +81,7 @@ def test_iterate_through_celery_worker(learner_env: None, settings: Settings, ce
     registry = registry_for(settings)
     policy = registry.get("policy-v1")
     assert (policy.kind, policy.state, policy.created_by) == ("policy", "candidate", "learner")
-    assert policy.metrics["sanity"]["parent"]["answers"] == 16  # the sanity gate's figures
+    assert policy.metrics["sanity"]["parent"]["answers"] == SANITY_PROMPTS  # the gate's figures
     assert artifacts.verify(Path(policy.path))
     assert registry.get("rm-v1").kind == "reward"
     assert IterationLock.for_settings(settings).holder() is None  # released

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from learner import ppo
+from learner.policy_trainer import charge
 from learner.presets import PRESETS, get_preset
+from learner.sanity import answer_stats, repetition_share
 from learner.sequences import cut_at_eos, pack
 
 torch.set_num_threads(1)
@@ -140,8 +142,31 @@ def test_pack_layout_positions_and_last_index() -> None:
     assert cut_at_eos([4, 2, 7, 2], 2) == [4, 2]
 
 
+def test_repetition_share_is_the_sanity_gates_measure() -> None:
+    assert repetition_share("the cat sat the cat sat") == pytest.approx(1 / 4)
+    assert repetition_share("a fresh answer with no loop") == 0.0
+    assert repetition_share("too short") == 0.0
+    answers = ["the cat sat the cat sat", "a fresh answer with no loop"]
+    pooled = answer_stats(answers, [False, True])["repetition"]
+    assert pooled == pytest.approx(1 / (4 + 4))  # pooled over the answers' 3-grams
+
+
+def test_charge_takes_a_penalty_from_the_score_or_the_last_token() -> None:
+    batch = pack([[1, 2], [3]], [[4, 5, 6], [7]], pad_id=0)
+    penalty = torch.tensor([0.5, 2.0])
+    assert charge(torch.zeros(2), batch, penalty).tolist() == [-0.5, -2.0]
+    dense = torch.ones(2, 3)
+    charged = charge(dense, batch, penalty)
+    assert charged.tolist() == [[1.0, 1.0, 0.5], [-1.0, 1.0, 1.0]]  # at each last token
+    assert dense.sum() == 6  # the caller's tensor is left alone
+
+
 def test_presets_are_typed_and_have_the_documented_defaults() -> None:
-    assert set(PRESETS) == {"tiny", "cpu", "gpu"}
+    assert set(PRESETS) == {"tiny", "cpu", "cpu-length-control", "gpu"}
+    # the length-controlled preset is the cpu one but for the reward model's covariate
+    assert PRESETS["cpu-length-control"].ppo == PRESETS["cpu"].ppo
+    assert PRESETS["cpu-length-control"].reward.length_control
+    assert not PRESETS["cpu"].reward.length_control
     for preset in PRESETS.values():
         p = preset.ppo
         assert (p.clip_eps, p.value_clip, p.vf_coef, p.gamma, p.gae_lambda) == (

@@ -21,7 +21,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from learner.policy_trainer import policy_forward, reference_logprobs, train_policy
+from learner.policy_trainer import (
+    policy_forward,
+    reference_logprobs,
+    save_adapter,
+    train_policy,
+)
 from learner.presets import get_preset
 from learner.prompt_pool import PromptPool, load_shipped_prompts
 from learner.reward_model import (
@@ -203,6 +208,28 @@ def test_probe_reward_model_learns_and_round_trips(votes, tiny_model_dir: Path,
     assert torch.allclose(loaded.score(batch), model.score(batch), atol=1e-5)
 
 
+def test_length_control_puts_the_crowds_length_preference_into_its_covariate(
+        votes, tiny_model_dir: Path) -> None:
+    """A crowd that simply prefers the longer (shorter) answer: with length control, γ (the
+    covariate's weight) takes the preference up, with its sign; without, there is none."""
+    controlled = replace(TINY.reward, length_control=True)
+
+    def by_length(longer: bool) -> list:
+        return [replace(v, winner="a" if (len(v.answer_a) > len(v.answer_b)) == longer else "b")
+                for v in votes if v.winner != "both_bad" and len(v.answer_a) != len(v.answer_b)]
+
+    longer = train_reward_model(by_length(True), tiny_model_dir, controlled)
+    assert longer.metrics["length_weight"] > 0.5, longer.metrics
+    shorter = train_reward_model(by_length(False), tiny_model_dir, controlled)
+    assert shorter.metrics["length_weight"] < -0.5, shorter.metrics
+    # the hidden rule (a marker word): r still learns it with the covariate beside it
+    rule = train_reward_model(votes, tiny_model_dir, controlled)
+    assert rule.metrics["heldout_accuracy"] >= 0.9, rule.metrics
+    plain = train_reward_model(by_length(True)[:32], tiny_model_dir,
+                               replace(TINY.reward, epochs=1))
+    assert plain.metrics["length_weight"] is None
+
+
 def test_tie_loss_is_lowest_at_equal_rewards() -> None:
     deltas = torch.tensor([-2.0, -0.5, 0.0, 0.5, 2.0])
     tie = bradley_terry_loss(deltas, torch.full((5,), 0.5))
@@ -219,7 +246,30 @@ def test_ppo_raises_reward_with_kl_below_target(ppo_run) -> None:
     assert max(row["kl"] for row in history) < m["kl_target"], [r["kl"] for r in history]
     assert all(row["entropy"] > 0 for row in history)  # entropy reported each step
     assert {"reward", "kl", "entropy", "loss", "eta_s", "clipfrac", "approx_kl",
-            "value_loss"} <= set(history[-1])
+            "value_loss", "repetition"} <= set(history[-1])
+
+
+def test_kl_target_counts_from_the_parent(ppo_run, sft_base: Path, reward,
+                                         tmp_path: Path) -> None:
+    """The loop's second iteration: PPO from a trained parent, the target counted from the
+    parent's own KL, so the adaptive β is lowered (room to move on) rather than pulling the
+    parent back toward π_ref."""
+    parent = tmp_path / "parent"
+    save_adapter(ppo_run["result"].model, ppo_run["result"].value_head, parent)
+    preset = replace(TINY.ppo, steps=2, adaptive_kl=True, kl_target_from_parent=True,
+                     kl_target=4.0, kl_horizon=64, checkpoint_every=0)
+    result = train_policy(
+        sft_base, preset, reward.model.score, PromptPool(),
+        lambda tok: TransformersRollout(tok.eos_token_id, tok.pad_token_id,
+                                        preset.max_new_tokens, preset.temperature),
+        parent_adapter=parent, initial_kl_coef=0.08)  # the parent run's final β, say
+    m = result.metrics
+    assert m["kl_start"] > 0.1, m  # the parent has moved away from π_ref
+    assert m["kl_target"] == pytest.approx(m["kl_start"] + preset.kl_target)
+    # β starts where the parent's run left it and, below the target, goes down: at most
+    # 20 % × 32 / 64 a step, two steps
+    assert m["kl_coef_start"] == 0.08 != preset.kl_coef
+    assert 0.08 * 0.9 ** 2 - 1e-9 <= m["kl_coef_final"] < 0.08, m
 
 
 # --- (3) the reference never changes ------------------------------------------------------------

@@ -3,7 +3,8 @@
 `benchmarks/voter_anomaly.py` feeds the scorer directly; this one goes through everything a
 vote passes: the gateway (sessions, battles, the vote route), the vote stream, the
 `voter-scorer` consumer and the archive's `voters` table. A crowd (`arena simulate`'s, public
-API only) of `--voters` sessions, the last `--stuffers` of them voting at random
+API only, after an honest warm-up crowd) of `--voters` sessions, the last `--stuffers` of them
+voting at random
 (`random_votes`), then a second crowd whose stuffers always vote "a" (`always_a`); the honest
 voters use the key-noun judge with 10 % noise. Printed per crowd and over both: precision and
 recall of the flags (targets >= 0.9 / >= 0.8) and the highest honest score (flagged at 3).
@@ -43,6 +44,7 @@ HONEST_JUDGE = "key_noun_noisy"
 STUFFER_KINDS = ("random_votes", "always_a")
 SETTLE_TIMEOUT_S = 120.0  # for the consumers to archive and score the last votes
 STARTUP_TIMEOUT_S = 600.0
+WARMUP_SETTLE_S = 20.0  # for the ratings refit after the warm-up crowd
 
 
 @contextlib.contextmanager
@@ -110,6 +112,7 @@ def main() -> None:
     parser.add_argument("--stuffers", type=int, default=2, help="per crowd (10 %% of 20)")
     parser.add_argument("--battles", type=int, default=600, help="per crowd")
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--warmup", type=int, default=200, help="honest battles before")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="anomaly-") as tmp, \
             stack(Path(tmp) / "var") as settings:
@@ -121,6 +124,13 @@ def run(settings: Settings, args: argparse.Namespace) -> None:
     prompts = load_prompts()
     print(f"gateway {settings.gateway_url}: {args.voters} voters a crowd, {args.stuffers} "
           f"stuffers, {args.battles} battles, honest judge {HONEST_JUDGE}")
+    # Warm-up: an honest crowd first, so that the pair's outcome rates the scorer tests each
+    # vote against are established (the first run without it scored every session 0).
+    warmup = CrowdPlan(url=settings.gateway_url, voters=args.voters, battles=args.warmup,
+                       chat_share=0.0, seed=0, max_tokens=args.max_tokens, timeout_s=3600.0)
+    asyncio.run(run_crowd(warmup, get_judge(HONEST_JUDGE), prompts))
+    wait_settled(archive, set())
+    time.sleep(WARMUP_SETTLE_S)
     all_flagged, all_stuffers, all_sessions = set(), set(), set()
     for seed, kind in enumerate(STUFFER_KINDS, start=1):
         plan = CrowdPlan(url=settings.gateway_url, voters=args.voters, battles=args.battles,

@@ -304,9 +304,9 @@ def train_policy(base_model: Path, preset: PPOPreset, reward_fn: RewardFn, pool:
         # `kl_target` nats further than its parent instead of being pulled back to the base.
         kl_target = preset.kl_target + (max(0.0, eval_start["kl"])
                                         if preset.kl_target_from_parent else 0.0)
+        kl_coef_start = initial_kl_coef or preset.kl_coef
         kl_ctl: ppo.FixedKLController | ppo.AdaptiveKLController = (
-            ppo.AdaptiveKLController(initial_kl_coef or preset.kl_coef, kl_target,
-                                     preset.kl_horizon)
+            ppo.AdaptiveKLController(kl_coef_start, kl_target, preset.kl_horizon)
             if preset.adaptive_kl else ppo.FixedKLController(preset.kl_coef))
         if state is not None:
             kl_ctl.value = state.kl_coef
@@ -431,7 +431,7 @@ def train_policy(base_model: Path, preset: PPOPreset, reward_fn: RewardFn, pool:
         metrics = {
             "reward_start": eval_start["reward"], "reward_end": eval_end["reward"],
             "kl_start": eval_start["kl"], "kl_end": eval_end["kl"],
-            "kl_target": kl_target, "kl_coef_start": initial_kl_coef or preset.kl_coef,
+            "kl_target": kl_target, "kl_coef_start": kl_coef_start,
             "kl_coef_final": kl_ctl.value,
             "answer_tokens_end": eval_end["answer_tokens"], "steps": preset.steps,
             "resumed_from_step": start_step, "seconds": seconds,

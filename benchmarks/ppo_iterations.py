@@ -9,6 +9,7 @@ RM still separating them?), beside the base's in the same run.
 
     .venv/bin/python benchmarks/ppo_iterations.py --seeds 3 --iterations 2
     .venv/bin/python benchmarks/ppo_iterations.py --kl-coef 0.05 --steps 20
+    .venv/bin/python benchmarks/ppo_iterations.py --kl-target-from-parent 3 --kl-horizon 20
 
 ~1 min per iteration and seed on 2 cores; run alone.
 """
@@ -67,12 +68,21 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=2)
     parser.add_argument("--kl-coef", type=float, default=None, help="default: the tiny preset's")
     parser.add_argument("--steps", type=int, default=None, help="default: the tiny preset's")
+    parser.add_argument("--lr", type=float, default=None, help="default: the tiny preset's")
+    parser.add_argument("--kl-target-from-parent", type=float, default=None, metavar="NATS",
+                        help="adaptive β whose target is the parent's KL + NATS, continued "
+                             "from the parent's final β (as the cpu preset does)")
+    parser.add_argument("--kl-horizon", type=int, default=None, help="adaptive β's horizon")
     args = parser.parse_args()
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)
     tiny = get_preset("tiny")
-    overrides = {k: v for k, v in (("kl_coef", args.kl_coef), ("steps", args.steps))
+    overrides = {k: v for k, v in (("kl_coef", args.kl_coef), ("steps", args.steps),
+                                   ("lr", args.lr), ("kl_horizon", args.kl_horizon))
                  if v is not None}
+    if args.kl_target_from_parent is not None:
+        overrides.update(adaptive_kl=True, kl_target_from_parent=True,
+                         kl_target=args.kl_target_from_parent)
     prompts = load_shipped_prompts()
     eval_prompts = prompts[-EVAL_PROMPTS:]
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,12 +98,15 @@ def main() -> None:
         for seed in range(args.seeds):
             preset = replace(tiny.ppo, seed=seed, **overrides)
             parent: Path | None = None
+            kl_coef_final: float | None = None  # the parent run's β, where the next one starts
             for iteration in range(1, args.iterations + 1):
                 result = train_policy(
                     sft, preset, reward.model.score, PromptPool(),
                     lambda tok, p=preset: TransformersRollout(
                         tok.eos_token_id, tok.pad_token_id, p.max_new_tokens, p.temperature),
-                    parent_adapter=parent)
+                    parent_adapter=parent,
+                    initial_kl_coef=kl_coef_final if preset.adaptive_kl else None)
+                kl_coef_final = result.metrics["kl_coef_final"]
                 parent = root / f"seed{seed}-v{iteration}"
                 save_adapter(result.model, result.value_head, parent)
                 m, row = result.metrics, measure(sft, parent, reward, eval_prompts)
@@ -101,7 +114,9 @@ def main() -> None:
                       f"{row['rm_banana']:+.2f} other {row['rm_other']:+.2f}  PPO reward "
                       f"{m['reward_start']:+.2f} -> {m['reward_end']:+.2f}, KL "
                       f"{m['kl_start']:.2f} -> {m['kl_end']:.2f} (step peak "
-                      f"{max(r['kl'] for r in result.history):.2f})", flush=True)
+                      f"{max(r['kl'] for r in result.history):.2f}), β "
+                      f"{result.metrics['kl_coef_start']:.3f} -> {kl_coef_final:.3f}",
+                      flush=True)
 
 
 if __name__ == "__main__":

@@ -155,14 +155,6 @@ def _timeline(started: float, summary: CrowdSummary | None, registry: Registry,
     return "\n".join(lines)
 
 
-# Not yet met (issue 11 stays open): the first iteration is always promoted; the second
-# iteration's candidate is promoted in about half the runs (2 of 4 on 2026-12-04, run alone).
-# Measured offline (PPO twice from the SFT base with a fixed RM whose scores split banana
-# answers 1.04 vs -0.83): the banana rate goes 0.22 -> 0.64-0.84 in the first iteration and
-# does not rise in the second (0.62-0.86, with beta 0.05 or 0.1, 10 or 20 steps, 2 or 4
-# epochs), so the PPO link, not the reward model, stalls. The test runs and reports the
-# timeline; `strict=False` so that a pass shows up as XPASS, not as a failure.
-@pytest.mark.xfail(strict=False, reason="2nd iteration's candidate not yet promoted (issue 11)")
 def test_two_loop_iterations_driven_by_the_simulated_crowd(
         settings: Settings, sft_model_dir: Path, gateway, registry: Registry, celery_worker,
         consumers: threading.Event) -> None:

@@ -77,8 +77,10 @@ def score_votes(client: redis.Redis, records: Sequence[VoteRecord]) -> dict[str,
                     seen[record.vote_id] = True
                     new_ids.append(record.vote_id)
                     fields = [_pair_field(record.model_a, record.model_b, o) for o in OUTCOMES]
-                    rates = (None if record.model_a == record.model_b
-                             else outcome_rates(*(pairs[f] for f in fields)))
+                    # A self-pair (two answers of one version, as on a fresh stack that
+                    # serves only base) has honest rates too: mostly ties or an even split,
+                    # against which a random clicker stands out.
+                    rates = outcome_rates(*(pairs[f] for f in fields))
                     add_vote(stats[record.session], record.winner, rates,
                              record.voted_at - record.battle_created_at, _words(record),
                              record.voted_at)

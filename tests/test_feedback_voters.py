@@ -118,6 +118,22 @@ def test_scorer_flags_stuffers_and_the_archive_leaves_their_votes_out(redis_url:
     assert fit.n_votes == 1200
 
 
+
+def test_scorer_scores_votes_on_a_self_pair(redis_url: str):
+    """base against base (a fresh stack serves nothing else): honest voters tie 7 times in
+    10 and split the rest evenly; a voter clicking any of the four buttons at random stands
+    out against those rates (it once went unscored: self-pairs had no rates)."""
+    client = redis.Redis.from_url(redis_url)
+    rng = random.Random(3)
+    honest = rng.choices(["tie", "a", "b"], weights=[7, 1.5, 1.5], k=600)
+    records = [record(i, f"honest{i % 20}", "base", "base", w) for i, w in enumerate(honest)]
+    records += [record(1000 + i, "random", "base", "base",
+                       rng.choice(["a", "b", "tie", "both_bad"])) for i in range(40)]
+    scores: dict[str, float] = {}
+    for start in range(0, len(records), 100):
+        scores.update(score_votes(client, records[start:start + 100]))
+    assert {s for s, score in scores.items() if is_flagged(score)} == {"random"}, scores
+
 def test_operators_see_the_flagged_voters(settings):
     import httpx
 

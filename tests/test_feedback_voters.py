@@ -79,6 +79,14 @@ def record(i: int, session: str, model_a: str, model_b: str, winner: str) -> Vot
                       voted_at=2.0 + i)
 
 
+def score_in_batches(client: redis.Redis, records: list[VoteRecord]) -> dict[str, float]:
+    """Score the votes as the consumer sees them: in batches of 100."""
+    scores: dict[str, float] = {}
+    for start in range(0, len(records), 100):
+        scores.update(score_votes(client, records[start:start + 100]))
+    return scores
+
+
 def test_scorer_flags_stuffers_and_the_archive_leaves_their_votes_out(redis_url: str,
                                                                       tmp_path: Path):
     client = redis.Redis.from_url(redis_url)
@@ -95,9 +103,7 @@ def test_scorer_flags_stuffers_and_the_archive_leaves_their_votes_out(redis_url:
         pair = ("policy-v1", "base") if i % 2 else ("base", "policy-v1")
         records.append(record(2000 + i, "always-a", *pair, "a"))
         records.append(record(3000 + i, "contrarian", *pair, "a" if pair[0] == "base" else "b"))
-    scores: dict[str, float] = {}
-    for start in range(0, len(records), 100):  # as the consumer sees them: in batches
-        scores.update(score_votes(client, records[start:start + 100]))
+    scores = score_in_batches(client, records)
     assert score_votes(client, records[:100]) == {}  # a redelivered batch changes nothing
     flagged = {s for s, score in scores.items() if is_flagged(score)}
     assert flagged == {"always-a", "contrarian"}
@@ -118,7 +124,6 @@ def test_scorer_flags_stuffers_and_the_archive_leaves_their_votes_out(redis_url:
     assert fit.n_votes == 1200
 
 
-
 def test_scorer_scores_votes_on_a_self_pair(redis_url: str):
     """base against base (a fresh stack serves nothing else): honest voters tie 7 times in
     10 and split the rest evenly; a voter clicking any of the four buttons at random stands
@@ -129,10 +134,9 @@ def test_scorer_scores_votes_on_a_self_pair(redis_url: str):
     records = [record(i, f"honest{i % 20}", "base", "base", w) for i, w in enumerate(honest)]
     records += [record(1000 + i, "random", "base", "base",
                        rng.choice(["a", "b", "tie", "both_bad"])) for i in range(40)]
-    scores: dict[str, float] = {}
-    for start in range(0, len(records), 100):
-        scores.update(score_votes(client, records[start:start + 100]))
+    scores = score_in_batches(client, records)
     assert {s for s, score in scores.items() if is_flagged(score)} == {"random"}, scores
+
 
 def test_operators_see_the_flagged_voters(settings):
     import httpx

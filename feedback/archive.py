@@ -66,6 +66,8 @@ votes = Table(
     # Why the vote does not count (comma-separated VoteRecord.flags; "" = it counts). Added
     # after the first release: `Archive.create_tables` adds it to an older table.
     Column("flags", String, nullable=False, server_default=""),
+    # The keyed hash of the client address (VoteRecord.voter_address; "" = none known).
+    Column("voter_address", String, nullable=False, server_default=""),
     # Each answer's style (elo/style_control.py), for the style-controlled ratings; filled
     # from the answers for rows archived before these columns existed.
     *(Column(name, Integer) for name in (f"{feature}_{side}" for side in "ab"
@@ -86,12 +88,13 @@ chat_turns = Table(
 )
 
 
-# Each scored session's anomaly score (feedback/voter_scores.py). Its votes stay in `votes`;
-# what a flag changes is which of them the ratings and the reward model count.
+# Each scored voter's anomaly score (feedback/voter_scores.py): a session, or an address
+# (`address:<hash>`, matching votes.voter_address). Its votes stay in `votes`; what a flag
+# changes is which of them the ratings and the reward model count.
 voters = Table(
     "voters",
     metadata,
-    Column("session", String, primary_key=True),
+    Column("session", String, primary_key=True),  # the voter: a session id or an address
     Column("score", Double, nullable=False),
     Column("flagged", Boolean, nullable=False),
     Column("votes", Integer, nullable=False),
@@ -100,8 +103,10 @@ voters = Table(
 FlaggedVotes = Literal["exclude", "downweight", "keep"]
 
 
-def _flagged_sessions() -> Any:
-    return select(voters.c.session).where(voters.c.flagged.is_(True))
+def _by_flagged_voter() -> Any:
+    """True for a vote whose session or address is flagged."""
+    flagged = select(voters.c.session).where(voters.c.flagged.is_(True))
+    return votes.c.session.in_(flagged) | votes.c.voter_address.in_(flagged)
 
 
 @dataclass(frozen=True)
@@ -253,7 +258,7 @@ class Archive:
                 "session": record.session, "battle_created_at": record.battle_created_at,
                 "voted_at": record.voted_at, "archived_at": now,
                 "stream_entry_id": entry_ids[i] if entry_ids is not None else None,
-                "flags": ",".join(record.flags),
+                "flags": ",".join(record.flags), "voter_address": record.voter_address,
                 **_style_values(record.answer_a, record.answer_b),
             })
         if not rows:
@@ -275,7 +280,7 @@ class Archive:
             return len(conn.execute(statement, list(rows.values())).all())
 
     def upsert_voters(self, rows: Sequence[dict[str, Any]]) -> None:
-        """Insert or update sessions' scores (keys: session, score, flagged, votes,
+        """Insert or update voters' scores (keys: session = the voter, score, flagged, votes,
         updated_at)."""
         if not rows:
             return
@@ -289,13 +294,13 @@ class Archive:
             conn.execute(statement, list(rows))
 
     def flagged_voters(self) -> dict[str, float]:
-        """Flagged sessions and their scores."""
+        """Flagged voters (sessions and addresses) and their scores."""
         with self.engine.connect() as conn:
             return {session: score for session, score in conn.execute(
                 select(voters.c.session, voters.c.score).where(voters.c.flagged.is_(True)))}
 
     def voter_scores(self) -> dict[str, float]:
-        """Every scored session and its score."""
+        """Every scored voter and its score."""
         with self.engine.connect() as conn:
             return {session: score for session, score in conn.execute(
                 select(voters.c.session, voters.c.score))}
@@ -313,10 +318,10 @@ class Archive:
     def iter_votes(self, since: TimeBound = None, until: TimeBound = None,
                    without_flagged_voters: bool = False) -> Iterator[StoredVote]:
         """Votes with since <= voted_at < until, oldest first, streamed in batches (without
-        those of flagged sessions if asked)."""
+        those of flagged voters if asked)."""
         query = select(votes).order_by(votes.c.voted_at, votes.c.vote_id)
         if without_flagged_voters:
-            query = query.where(votes.c.session.not_in(_flagged_sessions()))
+            query = query.where(~_by_flagged_voter())
         if (start := _epoch(since)) is not None:
             query = query.where(votes.c.voted_at >= start)
         if (end := _epoch(until)) is not None:
@@ -331,6 +336,7 @@ class Archive:
                     answer_b=row["answer_b"], session=row["session"],
                     battle_created_at=row["battle_created_at"], voted_at=row["voted_at"],
                     flags=[f for f in (row["flags"] or "").split(",") if f],
+                    voter_address=row["voter_address"] or "",
                 )
                 yield StoredVote(record, row["archived_at"], row["stream_entry_id"])
 
@@ -346,8 +352,8 @@ class Archive:
 
     def pair_counts(self, flagged_voters: bool | None = None) -> list[PairCount]:
         """Votes that count (no flag) per (model_a, model_b, winner): all the Bradley-Terry
-        refit needs. `flagged_voters`: None counts every session, False leaves the flagged
-        sessions out, True counts only theirs."""
+        refit needs. `flagged_voters`: None counts every vote, False leaves out the votes of
+        flagged voters (session or address), True counts only theirs."""
         query = (
             select(votes.c.model_a, votes.c.model_b, votes.c.winner, func.count())
             .where(votes.c.flags == "")
@@ -355,8 +361,7 @@ class Archive:
             .order_by(votes.c.model_a, votes.c.model_b, votes.c.winner)
         )
         if flagged_voters is not None:
-            flagged = votes.c.session.in_(_flagged_sessions())
-            query = query.where(flagged if flagged_voters else ~flagged)
+            query = query.where(_by_flagged_voter() if flagged_voters else ~_by_flagged_voter())
         with self.engine.connect() as conn:
             return [PairCount(a, b, winner, int(n)) for a, b, winner, n in conn.execute(query)]
 
@@ -399,7 +404,7 @@ class Archive:
                         *(votes.c[name] for name in STYLE_COLUMNS))
                  .where(votes.c.flags == ""))
         if without_flagged_voters:
-            query = query.where(votes.c.session.not_in(_flagged_sessions()))
+            query = query.where(~_by_flagged_voter())
         keys, styles = [], []
         with self.engine.connect() as conn:
             for row in conn.execution_options(yield_per=ITER_BATCH).execute(query):

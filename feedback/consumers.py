@@ -172,9 +172,9 @@ class VoterScorer(VoteConsumer):
 
     def process(self, entry_ids: Sequence[str], items: Sequence[VoteRecord]) -> None:
         scores = score_votes(self.client, items)
-        # Also the sessions of votes scored before (a redelivery after the archive failed).
-        record_scores(self.client, self.archive,
-                      {**current_scores(self.client, [r.session for r in items]), **scores})
+        # Also the voters of votes scored before (a redelivery after the archive failed).
+        record_scores(self.client, self.archive, {
+            **current_scores(self.client, [v for r in items for v in r.voters]), **scores})
 
 
 Trigger = Callable[[Settings], Any]

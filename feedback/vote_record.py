@@ -6,7 +6,9 @@ one-turn battle; after follow-up turns each side has its own history), `answer_a
 `answer_b` the final answers being judged, `winner` one of a / b / tie / both_bad. `flags`
 name why a vote must not count (e.g. "identity": an answer named a version, so the voter may
 have known the sides); a flagged vote is archived and exported, but left out of the ratings
-and of reward-model training.
+and of reward-model training. `voter_address` is "" or a keyed hash of the client's address
+(serve/voter_address.py, only behind a trusted proxy): the voter scorer adds the vote to that
+address as well as to the session.
 """
 
 from __future__ import annotations
@@ -41,10 +43,16 @@ class VoteRecord:
     battle_created_at: float
     voted_at: float = field(default_factory=time.time)
     flags: list[str] = field(default_factory=list)
+    voter_address: str = ""
 
     @property
     def vote_id(self) -> str:
         return self.battle_id
+
+    @property
+    def voters(self) -> tuple[str, ...]:
+        """Whom the vote is scored under: its session, and its address when one is known."""
+        return (self.session, self.voter_address) if self.voter_address else (self.session,)
 
     @property
     def counts(self) -> bool:
@@ -72,6 +80,8 @@ class VoteRecord:
             raise MalformedVote(f"winner {record.winner!r} is not one of {WINNERS}")
         if not isinstance(record.flags, list) or not all(isinstance(f, str) for f in record.flags):
             raise MalformedVote("flags must be a list of strings")
+        if not isinstance(record.voter_address, str):
+            raise MalformedVote("voter_address must be a string")
         if not record.battle_id or not record.model_a or not record.model_b:
             raise MalformedVote("battle_id, model_a and model_b must be non-empty")
         return record

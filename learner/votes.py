@@ -51,7 +51,7 @@ class JsonlVoteSource:
 @dataclass
 class ArchiveVoteSource:
     url: str
-    flagged_votes: str = "exclude"  # the sessions the voter scorer flagged (settings)
+    flagged_votes: str = "exclude"  # votes of the voters the scorer flagged (settings)
     flagged_weight: float = 0.1
 
     def votes(self, until: float | None = None) -> list[VoteRecord]:
@@ -63,10 +63,10 @@ class ArchiveVoteSource:
             flagged = archive.flagged_voters() if self.flagged_votes != "keep" else {}
         finally:
             archive.close()
-        kept = [r for r in records if r.session not in flagged or (
+        kept = [r for r in records if flagged.keys().isdisjoint(r.voters) or (
             self.flagged_votes == "downweight" and _kept_share(r.vote_id) < self.flagged_weight)]
         if len(kept) < len(records):
-            log.info("votes: left out %d votes of %d flagged sessions (%s)",
+            log.info("votes: left out %d votes of %d flagged voters (%s)",
                      len(records) - len(kept), len(flagged), self.flagged_votes)
         return text_votes(kept)
 

@@ -32,6 +32,7 @@ from serve.sessions import SessionMiddleware
 from serve.state import GatewayState
 from serve.upstream import ReplicaPool
 from serve.versions import VersionView
+from serve.voter_address import VoterAddress
 
 log = logging.getLogger("arena.gateway")
 BACKGROUND_STOP_S = 5.0  # how long shutdown waits for the background tasks to end
@@ -57,6 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                              settings.upstream_max_connections, settings.upstream_pool_timeout_s),
             versions=VersionView(client), limiter=RateLimiter(client), metrics=GatewayMetrics(),
             vote_acceptor=VoteAcceptor(client),
+            voter_address=VoterAddress(session_secret(settings), bool(settings.trusted_proxies)),
         )
         app.state.gateway = gw
         watcher = asyncio.create_task(_watch_worker(gw))

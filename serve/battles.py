@@ -105,7 +105,8 @@ def battle_fields(battle: dict[str, Any], identity_words: list[str] | None = Non
         conversation_b=battle["conversation_b"][:-1],
         answer_a=battle["answer_a"], answer_b=battle["answer_b"], session=battle["session"],
         battle_created_at=battle["created_at"],
-        flags=vote_flags(said, (battle["model_a"], battle["model_b"]), identity_words or ()))
+        flags=vote_flags(said, (battle["model_a"], battle["model_b"]), identity_words or ()),
+        voter_address=battle.get("voter_address", ""))  # "" in battles of older gateways
     return {"state": json.dumps(battle), "session": battle["session"],
             "model_a": battle["model_a"], "model_b": battle["model_b"], "ballot": ballot}
 
@@ -284,6 +285,7 @@ async def create_battle(body: BattleRequest, request: Request):
     record_a, record_b = await choose_versions(gw)
     battle = {
         "battle_id": uuid.uuid4().hex, "session": session, "created_at": time.time(),
+        "voter_address": gw.voter_address(request.scope),
         "model_a": record_a.id, "model_b": record_b.id,
         "conversation_a": [dict(m) for m in messages],
         "conversation_b": [dict(m) for m in messages],

@@ -1,5 +1,6 @@
 """What one gateway process holds: settings, Redis, the replica pool, the version view,
-the rate limiter, metrics, and background tasks (kept referenced until they finish)."""
+the rate limiter, metrics, the voter-address hash, and background tasks (kept referenced
+until they finish)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from serve.metrics import GatewayMetrics
 from serve.rate_limit import RateLimiter
 from serve.upstream import ReplicaPool
 from serve.versions import VersionView
+from serve.voter_address import VoterAddress
 
 
 @dataclass
@@ -27,6 +29,7 @@ class GatewayState:
     limiter: RateLimiter
     metrics: GatewayMetrics
     vote_acceptor: VoteAcceptor
+    voter_address: VoterAddress  # the hashed client address a vote is also scored under
     archive: Any = None  # feedback.archive.Archive, opened on first use (serve/session_data.py)
     worker_ok: bool | None = None
     tasks: set[asyncio.Task] = field(default_factory=set)

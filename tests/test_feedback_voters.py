@@ -72,11 +72,12 @@ def test_speed_and_bursts_only_add():
     assert not is_flagged(anomaly_score(stats))
 
 
-def record(i: int, session: str, model_a: str, model_b: str, winner: str) -> VoteRecord:
+def record(i: int, session: str, model_a: str, model_b: str, winner: str,
+           voter_address: str = "") -> VoteRecord:
     return VoteRecord(battle_id=f"{session}-{i}", model_a=model_a, model_b=model_b,
                       winner=winner, conversation_a=USER, conversation_b=USER,
                       answer_a="A.", answer_b="B.", session=session, battle_created_at=1.0,
-                      voted_at=2.0 + i)
+                      voted_at=2.0 + i, voter_address=voter_address)
 
 
 def score_in_batches(client: redis.Redis, records: list[VoteRecord]) -> dict[str, float]:
@@ -136,6 +137,76 @@ def test_scorer_scores_votes_on_a_self_pair(redis_url: str):
                        rng.choice(["a", "b", "tie", "both_bad"])) for i in range(40)]
     scores = score_in_batches(client, records)
     assert {s for s, score in scores.items() if is_flagged(score)} == {"random"}, scores
+
+
+def test_a_stuffer_who_drops_the_cookie_adds_up_by_address(redis_url: str, tmp_path: Path):
+    """A fresh session for every vote: no session ever has enough votes to be scored, but
+    the address (known behind a trusted proxy) collects them all and is flagged; its votes
+    leave the counts. 20 honest voters behind one shared address (a NAT) stay unflagged."""
+    client = redis.Redis.from_url(redis_url)
+    archive = Archive(f"sqlite:///{tmp_path / 'a.db'}")
+    rng = random.Random(4)
+    records = []
+    for i in range(800):  # policy-v1 beats base 3 times in 4; a tenth of voters share a NAT
+        v1_first = rng.random() < 0.5
+        pair = ("policy-v1", "base") if v1_first else ("base", "policy-v1")
+        winner = "a" if (rng.random() < 0.75) == v1_first else "b"
+        address = "address:nat" if i % 10 == 0 else f"address:home{i % 40}"
+        records.append(record(i, f"honest{i % 200}", *pair, winner, address))
+    for i in range(40):  # always "a", each vote from a new session, one address
+        pair = ("policy-v1", "base") if i % 2 else ("base", "policy-v1")
+        records.append(record(2000 + i, f"fresh{i}", *pair, "a", "address:stuffer"))
+    scores = score_in_batches(client, records)
+    flagged = {voter for voter, score in scores.items() if is_flagged(score)}
+    assert flagged == {"address:stuffer"}, sorted(scores.items(), key=lambda kv: -kv[1])[:5]
+
+    archive.insert_votes(records)
+    record_scores(client, archive, scores)
+    assert archive.count() == 840
+    assert sum(r.n for r in archive.pair_counts(flagged_voters=False)) == 800
+    kept = ArchiveVoteSource(f"sqlite:///{tmp_path / 'a.db'}", "exclude").votes()
+    assert len(kept) == 800 and not any(r.voter_address == "address:stuffer" for r in kept)
+
+
+def votes_cast(url: str, redis_url: str, forwarded_for: list[str]) -> list[VoteRecord]:
+    """One battle and vote per address, each from its own session (a new client), through
+    a proxy that names that address; the vote records as they reach the stream."""
+    import httpx
+
+    from feedback.vote_stream import VOTES_STREAM
+
+    for address in forwarded_for:
+        with httpx.Client(base_url=url, timeout=60,
+                          headers={"X-Forwarded-For": address}) as http:
+            battle = http.post("/v1/battles", json={"messages": USER, "max_tokens": 2})
+            assert battle.status_code == 200, battle.text
+            vote = http.post(f"/v1/battles/{battle.json()['battle_id']}/vote",
+                             json={"winner": "tie"})
+            assert vote.status_code == 200, vote.text
+    stream = redis.Redis.from_url(redis_url).xrange(VOTES_STREAM)
+    return [VoteRecord.from_json(fields[b"record"]) for _, fields in stream][-len(forwarded_for):]
+
+
+def test_votes_carry_a_hashed_address_only_behind_a_trusted_proxy(gateway_settings):
+    from conftest import GatewayServer
+
+    addresses = ["203.0.113.7", "203.0.113.7", "198.51.100.9", "2001:db8::1", "2001:db8::2"]
+    proxied = gateway_settings.model_copy(update={"trusted_proxies": ["127.0.0.0/8"]})
+    for settings, trusted in ((proxied, True), (gateway_settings, False)):
+        server = GatewayServer(settings)
+        try:
+            records = votes_cast(server.url, settings.effective_redis_url, addresses)
+        finally:
+            server.stop()
+        hashed = [r.voter_address for r in records]
+        if not trusted:  # no proxy configured: every visitor would share its address
+            assert hashed == [""] * 5
+            continue
+        assert len({r.session for r in records}) == 5  # five sessions ...
+        assert hashed[0] == hashed[1] and hashed[3] == hashed[4]  # ... one address, one /64
+        assert len(set(hashed)) == 3 and all(h.startswith("address:") for h in hashed)
+        assert not any(a in h for a in addresses for h in hashed)  # no raw address kept
+        assert all(r.voters == (r.session, r.voter_address) for r in records)
 
 
 def test_operators_see_the_flagged_voters(settings):

@@ -56,7 +56,7 @@ def test_flagged_votes_are_archived_but_not_rated_or_trained_on(tmp_path: Path):
         ["v1", "v3"]
 
 
-def test_an_archive_without_the_flags_and_style_columns_is_migrated(tmp_path: Path):
+def test_an_archive_without_the_newer_columns_is_migrated(tmp_path: Path):
     url = f"sqlite:///{tmp_path / 'old.db'}"
     engine = create_engine(url)
     with engine.begin() as conn:  # the votes table as the first release created it
@@ -78,6 +78,10 @@ def test_an_archive_without_the_flags_and_style_columns_is_migrated(tmp_path: Pa
     # The style columns arrived too, filled from the old row's answers ("x" / "y": 1 word).
     keys, styles = archive.style_rows()
     assert keys == [("base", "policy-v1", "a")] and styles == [[1, 0, 0, 0, 1, 0, 0, 0]]
+    # And the voter address: none known for the old row; its session alone is its voter.
+    old = next(s.record for s in archive.iter_votes() if s.record.vote_id == "old")
+    assert old.voter_address == "" and old.voters == ("s",)
+    assert sum(row.n for row in archive.pair_counts(flagged_voters=False)) == 1
     Archive(url).close()  # a second start finds the columns and changes nothing
 
 

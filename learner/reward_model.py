@@ -54,8 +54,16 @@ the training loss only:
 
     P(a ≻ b) = σ(r_a − r_b + γ·d),   d = (n_a − n_b) / (n_a + n_b),  n = answer tokens
 
-γ is one learned, unpenalised scalar, so the part of the votes that length explains goes to
-γ, not to r (whose heads pay the L2); PPO receives r alone. The manifest records γ.
+γ is one unpenalised scalar, started at its fit to the votes on d alone (so r is not taught
+the length preference while γ catches up) and then learned with r, so the part of the votes
+that length explains goes to γ, not to r (whose heads pay the L2); PPO receives r alone.
+A crowd that picks the longer answer whatever the margin is a step in d, which γ·d cannot
+take up whole: the rest would go to r, so the loss also pays corr(r, n)² over each batch's
+answers (as ODIN, Chen et al. 2024, decorrelates its quality head from length). The
+manifest records γ and r's correlation with length (`reward_length_corr`).
+Measured (benchmarks/length_control.py, tiny model, 3 seeds): corr(r, words) +0.63 plain,
++0.15 controlled; PPO's answers 1.74x the base's length on the plain RM, 1.33x controlled,
+1.36x for an RM of a crowd that ignores length.
 
 Details that matter (N implementation details of RLHF): the reward is read at the last real
 answer token (padding found from lengths, position ids from the attention mask, see
@@ -93,6 +101,16 @@ TARGET = {"a": 1.0, "b": 0.0, "tie": 0.5}  # P(a ≻ b) the loss aims at, per ou
 NORM_EPS = 1e-6
 TOKEN_SUM_SCALE = 32.0  # the token sum counts in units of 32 tokens: O(1) for answers we score
 LENGTH_WEIGHT_LR = 0.05  # Adam rate of the length covariate γ (length_control)
+LENGTH_PREFIT_STEPS = 25  # Newton steps of γ's start: BT on the length difference alone
+# Ridge per vote of that start: shrinks it (σ(3·d) votes give ~2.2), keeps it finite where
+# length alone separates the votes, and leaves part of the length effect to the joint fit;
+# with a ridge 50x weaker γ started near its full fit and r then over-corrected (corr(r,
+# words) -0.29 / +0.13 / -0.25 over 3 seeds, PPO no better than the base on one).
+LENGTH_PREFIT_RIDGE = 1e-2
+LENGTH_PREFIT_MAX = 20.0  # |γ| cap of each Newton step (σ(20·d) is a step already)
+# Weight of corr(r, answer tokens)² over each batch's answers: what γ·d cannot take up (a
+# crowd that picks the longer answer whatever the margin) would otherwise go to r.
+LENGTH_DECORRELATION = 1.0
 # Scores of 2 x 256 answers pin the scale to a few per cent; scoring every training answer
 # took as long as a third of the training itself.
 NORM_SAMPLE_PAIRS = 256
@@ -459,6 +477,30 @@ def length_difference(pairs: list[Pair], device: torch.device) -> torch.Tensor:
     return (n_a - n_b) / (n_a + n_b).clamp(min=1.0)
 
 
+def length_correlation(rewards: torch.Tensor, pairs: list[Pair], device: torch.device
+                       ) -> torch.Tensor:
+    """Pearson correlation of r (rows a_1..a_n, b_1..b_n) with the answers' token counts."""
+    n = torch.tensor([len(p.answer_a) for p in pairs] + [len(p.answer_b) for p in pairs],
+                     dtype=torch.float32, device=device)
+    r, n = rewards - rewards.mean(), n - n.mean()
+    return (r * n).sum() / (r.norm() * n.norm()).clamp(min=NORM_EPS)
+
+
+def fit_length_weight(pairs: list[Pair]) -> float:
+    """γ of P(a ≻ b) = σ(γ·d) fitted to the votes (Newton, shrunk by a ridge): how much
+    length alone explains, where γ starts so that r is not first taught the length
+    preference while γ catches up at Adam's pace."""
+    d = length_difference(pairs, torch.device("cpu")).double()
+    t = torch.tensor([p.target for p in pairs], dtype=torch.float64)
+    gamma = 0.0
+    for _ in range(LENGTH_PREFIT_STEPS):
+        p = torch.sigmoid(gamma * d)
+        grad = ((p - t) * d).mean().item() + LENGTH_PREFIT_RIDGE * gamma
+        hess = (p * (1 - p) * d * d).mean().item() + LENGTH_PREFIT_RIDGE
+        gamma = max(-LENGTH_PREFIT_MAX, min(LENGTH_PREFIT_MAX, gamma - grad / hess))
+    return gamma
+
+
 def pair_metrics(deltas: torch.Tensor, targets: torch.Tensor) -> dict[str, float | None]:
     """Accuracy on decisive votes (the winner scored higher), calibration = mean |p − outcome|
     with p = σ(Δ) and outcome 1 / 0 / ½ (a won / b won / tie), and the mean BT loss."""
@@ -539,7 +581,8 @@ def train_reward_model(votes: list[VoteRecord], base_model: Path, preset: Reward
                                                                               "token_head."))}
     # γ of the length covariate (module doc): kept outside the model, as scoring never uses
     # it; one scalar, so it gets its own fixed rate (Adam moves it about that much a step).
-    length_weight = torch.zeros((), device=model.device, requires_grad=preset.length_control)
+    length_weight = torch.tensor(fit_length_weight(train) if preset.length_control else 0.0,
+                                 device=model.device, requires_grad=preset.length_control)
     optimizer = torch.optim.AdamW(
         [{"params": [p for p in params if id(p) not in heads], "lr": preset.lr},
          {"params": [p for p in params if id(p) in heads], "lr": preset.head_lr or preset.lr},
@@ -558,10 +601,14 @@ def train_reward_model(votes: list[VoteRecord], base_model: Path, preset: Reward
         for start in range(0, len(train), preset.batch_size):
             chunk = train[start:start + preset.batch_size]
             targets = torch.tensor([p.target for p in chunk], device=model.device)
-            deltas = pair_deltas(model, chunk, pad_id, cache)
+            rewards = pair_rewards(model, chunk, pad_id, cache)
+            deltas = rewards[: len(chunk)] - rewards[len(chunk):]  # Δ = r_a − r_b
             if preset.length_control:
                 deltas = deltas + length_weight * length_difference(chunk, model.device)
             loss = bradley_terry_loss(deltas, targets).mean()
+            if preset.length_control:
+                loss = loss + LENGTH_DECORRELATION * length_correlation(
+                    rewards, chunk, model.device) ** 2
             if preset.head_l2:
                 loss = loss + preset.head_l2 * head_penalty(model)
             optimizer.zero_grad()
@@ -601,6 +648,9 @@ def train_reward_model(votes: list[VoteRecord], base_model: Path, preset: Reward
         model.reward_std.copy_(raw.std().clamp(min=NORM_EPS))
         train_eval = pair_metrics(r_a - r_b, torch.tensor([p.target for p in sample],
                                                           device=model.device))
+        # What r pays for length alone (length control aims at ~0; a plain RM on a crowd
+        # that likes long answers shows it): r against answer tokens on the same sample.
+        length_corr = length_correlation(raw, sample, model.device).item()
     held = {"accuracy": history[-1]["heldout_accuracy"],
             "calibration": history[-1]["heldout_calibration"],
             "loss": history[-1]["heldout_loss"]}
@@ -612,6 +662,7 @@ def train_reward_model(votes: list[VoteRecord], base_model: Path, preset: Reward
         "reward_mean": model.reward_mean.item(), "reward_std": model.reward_std.item(),
         "steps": step, "seconds": time.monotonic() - started,
         "length_weight": length_weight.item() if preset.length_control else None,
+        "reward_length_corr": length_corr,
     }
     model.requires_grad_(False)
     return RewardTrainResult(model, tokenizer, metrics, history)

@@ -72,7 +72,8 @@ def hidden_rule_votes(n: int, prompts: list[str], seed: int = 0, model: str = "b
 
 def sft_tiny_base(base_dir: Path, out_dir: Path, prompts: list[str], n: int = 512,
                   marker_share: float = 0.2, steps: int = 60, batch_size: int = 16,
-                  lr: float = 2e-2, seed: int = 0) -> Path:
+                  lr: float = 2e-2, seed: int = 0, min_words: int = 4,
+                  max_words: int = 10) -> Path:
     """A supervised fine-tune of the tiny random model on synthetic answers (full weights),
     saved as a new base folder: the "SFT model" PPO starts from in tests.
 
@@ -93,7 +94,8 @@ def sft_tiny_base(base_dir: Path, out_dir: Path, prompts: list[str], n: int = 51
     rows = []
     for _ in range(n):
         prompt = encode_prompt(tokenizer, [{"role": "user", "content": rng.choice(prompts)}], 96)
-        answer = encode_answer(tokenizer, random_answer(rng, rng.random() < marker_share), 32)
+        answer = encode_answer(tokenizer, random_answer(rng, rng.random() < marker_share,
+                                                        min_words, max_words), 32)
         rows.append((prompt, answer))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     trunk, lm_head = model.get_decoder(), model.get_output_embeddings()

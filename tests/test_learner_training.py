@@ -15,6 +15,8 @@ starts from an SFT model, which is also the reference.
 from __future__ import annotations
 
 import hashlib
+import math
+import random
 from dataclasses import replace
 from pathlib import Path
 
@@ -31,8 +33,10 @@ from learner.presets import get_preset
 from learner.prompt_pool import PromptPool, load_shipped_prompts
 from learner.reward_model import (
     FrozenCache,
+    Pair,
     bradley_terry_loss,
     build_reward_model,
+    fit_length_weight,
     load_reward_model,
     pair_rewards,
     save_reward_model,
@@ -41,7 +45,7 @@ from learner.reward_model import (
 )
 from learner.rollout import TransformersRollout
 from learner.sequences import encode_answer, encode_prompt, pack
-from learner.synthetic import MARKER, hidden_rule_votes, sft_tiny_base
+from learner.synthetic import MARKER, hidden_rule_votes, random_answer, sft_tiny_base
 
 torch.set_num_threads(1)
 TINY = get_preset("tiny")
@@ -228,6 +232,50 @@ def test_length_control_puts_the_crowds_length_preference_into_its_covariate(
     plain = train_reward_model(by_length(True)[:32], tiny_model_dir,
                                replace(TINY.reward, epochs=1))
     assert plain.metrics["length_weight"] is None
+
+
+def test_length_weight_starts_at_its_fit_on_length_alone() -> None:
+    """Votes drawn from P(a ≻ b) = σ(3·d): the start is γ shrunk toward 0 (the ridge), with
+    its sign; votes that ignore length start it at 0."""
+    rng = random.Random(0)
+
+    def votes(gamma: float) -> list[Pair]:
+        pairs = []
+        for i in range(4000):
+            n_a, n_b = rng.randint(1, 60), rng.randint(1, 60)
+            won = rng.random() < 1 / (1 + math.exp(-gamma * (n_a - n_b) / (n_a + n_b)))
+            pairs.append(Pair(str(i), [1], [7] * n_a, [1], [7] * n_b, 1.0 if won else 0.0))
+        return pairs
+
+    assert 1.5 < fit_length_weight(votes(3.0)) < 3.0
+    assert -3.0 < fit_length_weight(votes(-3.0)) < -1.5
+    assert fit_length_weight(votes(0.0)) == pytest.approx(0.0, abs=0.3)
+
+
+def test_length_control_keeps_r_from_paying_for_length(tiny_model_dir: Path) -> None:
+    """A crowd that judges the marker first and, between equals, picks the longer answer
+    9 times in 10 (a step in the length difference, which γ·d alone cannot absorb): the
+    plain RM's r follows answer length, the length-controlled one's hardly does."""
+    rng = random.Random(5)
+    prompts = load_shipped_prompts()
+    votes = []
+    for vote in hidden_rule_votes(400, prompts, seed=5):
+        a, b = (random_answer(rng, rng.random() < 0.3, 2, 14) for _ in range(2))
+        marked_a, marked_b = MARKER.strip() in a, MARKER.strip() in b
+        if marked_a != marked_b:
+            winner = "a" if marked_a else "b"
+        elif len(a.split()) == len(b.split()):
+            winner = "tie"
+        else:
+            longer = "a" if len(a.split()) > len(b.split()) else "b"
+            winner = longer if rng.random() < 0.9 else {"a": "b", "b": "a"}[longer]
+        votes.append(replace(vote, answer_a=a, answer_b=b, winner=winner))
+    plain = train_reward_model(votes, tiny_model_dir, TINY.reward)
+    controlled = train_reward_model(votes, tiny_model_dir,
+                                    replace(TINY.reward, length_control=True))
+    assert plain.metrics["reward_length_corr"] > 0.3, plain.metrics
+    assert abs(controlled.metrics["reward_length_corr"]) < 0.2, controlled.metrics
+    assert controlled.metrics["length_weight"] > 1.0, controlled.metrics
 
 
 def test_tie_loss_is_lowest_at_equal_rewards() -> None:

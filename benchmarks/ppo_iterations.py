@@ -10,6 +10,12 @@ RM still separating them?), beside the base's in the same run.
     .venv/bin/python benchmarks/ppo_iterations.py --seeds 3 --iterations 2
     .venv/bin/python benchmarks/ppo_iterations.py --kl-coef 0.05 --steps 20
     .venv/bin/python benchmarks/ppo_iterations.py --kl-target-from-parent 3 --kl-horizon 20
+    .venv/bin/python benchmarks/ppo_iterations.py --votes crowd --iterations 1 --seeds 4
+
+`--votes crowd` trains each seed's reward model on votes as the live loop test gets them: two
+sampled answers of the SFT base per battle (a self-pair, at the battle length), judged by
+"banana wins, neither or both a tie, a tenth flipped" — a third of them decisive, where the
+hidden-rule votes are nearly all decisive.
 
 ~1 min per iteration and seed on 2 cores; run alone.
 """
@@ -18,14 +24,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import random
 import re
 import tempfile
+import uuid
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from arena.tiny_model import build_tiny_model
+from crowd.judges import noisy
+from feedback.vote_record import VoteRecord
 from learner.policy_trainer import load_policy, save_adapter, train_policy
 from learner.presets import get_preset
 from learner.prompt_pool import PromptPool, load_shipped_prompts
@@ -38,6 +48,40 @@ N_VOTES = 300
 EVAL_PROMPTS = 64  # the last prompts of the shipped set, two sampled answers each
 EVAL_SEEDS = (100, 101)
 BANANA = re.compile(r"\bbanana", flags=re.IGNORECASE)
+BATTLE_MAX_TOKENS = 16  # the loop test's battle length
+BATTLE_TEMPERATURE = 0.8  # the settings' default battle_temperature
+CROWD_FLIP = 0.1  # the loop test's judge flips a tenth of its verdicts
+
+
+def prefers_banana(messages: list[dict], answer_a: str, answer_b: str,
+                   rng: random.Random) -> str:
+    a, b = bool(BANANA.search(answer_a)), bool(BANANA.search(answer_b))
+    return "tie" if a == b else "a" if a else "b"
+
+
+def crowd_votes(sft: Path, prompts: list[str], n: int, seed: int) -> list[VoteRecord]:
+    """`n` votes on self-pairs of the SFT base, as the live loop's first iteration sees them."""
+    preset = get_preset("tiny").ppo
+    model, _, tokenizer = load_policy(sft, preset, None)
+    rollout = TransformersRollout(tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                  BATTLE_MAX_TOKENS, BATTLE_TEMPERATURE)
+    rng, judge = random.Random(seed), noisy(prefers_banana, CROWD_FLIP)
+    chosen = [rng.choice(prompts) for _ in range(n)]
+    ids = [encode_prompt(tokenizer, [{"role": "user", "content": p}], preset.max_prompt_tokens)
+           for p in chosen]
+    answers = [tokenizer.decode(a, skip_special_tokens=True)
+               for a in rollout.generate(model, ids + ids, seed=seed)]
+    votes = []
+    for i, prompt in enumerate(chosen):
+        conversation = [{"role": "user", "content": prompt}]
+        answer_a, answer_b = answers[i], answers[n + i]
+        votes.append(VoteRecord(
+            battle_id=str(uuid.UUID(int=rng.getrandbits(128))), model_a="base",
+            model_b="base", winner=judge(conversation, answer_a, answer_b, rng),
+            conversation_a=conversation, conversation_b=conversation, answer_a=answer_a,
+            answer_b=answer_b, session=f"s{i % 8}", battle_created_at=1.7e9 + i,
+            voted_at=1.7e9 + i + 0.5))
+    return votes
 
 
 def measure(sft: Path, adapter: Path | None, reward, prompts: list[str]) -> dict[str, float]:
@@ -69,16 +113,22 @@ def main() -> None:
     parser.add_argument("--kl-coef", type=float, default=None, help="default: the tiny preset's")
     parser.add_argument("--steps", type=int, default=None, help="default: the tiny preset's")
     parser.add_argument("--lr", type=float, default=None, help="default: the tiny preset's")
+    parser.add_argument("--rollout-batch", type=int, default=None,
+                        help="answers per PPO step; default: the tiny preset's")
     parser.add_argument("--kl-target-from-parent", type=float, default=None, metavar="NATS",
                         help="adaptive β whose target is the parent's KL + NATS, continued "
                              "from the parent's final β (as the cpu preset does)")
     parser.add_argument("--kl-horizon", type=int, default=None, help="adaptive β's horizon")
+    parser.add_argument("--votes", choices=("hidden-rule", "crowd"), default="hidden-rule",
+                        help="the RM's votes: the hidden rule's (one RM for all seeds) or "
+                             "the crowd's on the SFT base's own answers (one RM per seed)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)
     tiny = get_preset("tiny")
     overrides = {k: v for k, v in (("kl_coef", args.kl_coef), ("steps", args.steps),
-                                   ("lr", args.lr), ("kl_horizon", args.kl_horizon))
+                                   ("lr", args.lr), ("kl_horizon", args.kl_horizon),
+                                   ("rollout_batch", args.rollout_batch))
                  if v is not None}
     if args.kl_target_from_parent is not None:
         overrides.update(adaptive_kl=True, kl_target_from_parent=True,
@@ -89,13 +139,17 @@ def main() -> None:
         root = Path(tmp)
         base = build_tiny_model(root / "tiny")
         sft = sft_tiny_base(base, root / "sft", prompts)
-        reward = train_reward_model(hidden_rule_votes(N_VOTES, prompts, seed=1), base,
-                                    tiny.reward)
-        print(f"RM held-out accuracy {reward.metrics['heldout_accuracy']:.2f}")
-        row = measure(sft, None, reward, eval_prompts)
-        print(f"base (SFT)   banana {row['banana']:.2f}  RM banana {row['rm_banana']:+.2f} "
-              f"other {row['rm_other']:+.2f}")
         for seed in range(args.seeds):
+            if seed == 0 or args.votes == "crowd":
+                votes = hidden_rule_votes(N_VOTES, prompts, seed=1) \
+                    if args.votes == "hidden-rule" else crowd_votes(sft, prompts, N_VOTES, seed)
+                reward = train_reward_model(votes, base, tiny.reward)
+                decisive = sum(v.winner in ("a", "b") for v in votes) / len(votes)
+                row = measure(sft, None, reward, eval_prompts)
+                print(f"RM of seed {seed}: {decisive:.0%} of its votes decisive, held-out "
+                      f"accuracy {reward.metrics['heldout_accuracy']:.2f}; base (SFT) banana "
+                      f"{row['banana']:.2f}  RM banana {row['rm_banana']:+.2f} other "
+                      f"{row['rm_other']:+.2f}", flush=True)
             preset = replace(tiny.ppo, seed=seed, **overrides)
             parent: Path | None = None
             kl_coef_final: float | None = None  # the parent run's β, where the next one starts

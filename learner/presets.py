@@ -108,8 +108,14 @@ PRESETS: dict[str, Preset] = {
         # second candidate tied its parent; at 1.5e-3 each iteration moves part of the way
         # (0.59-0.69, then 0.70-0.79) and both were promoted in 3 of 3 live runs. At 1e-3 the
         # second iteration's answers ran to the length cap (38 % cut off, refused by the
-        # sanity gate): hence the missing-EOS penalty 2, not 1.
-        ppo=PPOPreset(lr=1.5e-3, steps=10, rollout_batch=32, minibatch_size=8, ppo_epochs=2,
+        # sanity gate): hence the missing-EOS penalty 2, not 1. 48 answers a step, not 32:
+        # the live first iteration learns from an RM of votes on the base's own answers, a
+        # third of them decisive (the hidden-rule votes: nearly all), and with 32 it moved too
+        # little or not at all (banana 0.24 -> 0.27-0.41 over 4 seeds; a KL of 0.0-0.2 and
+        # policy-v1 rejected in 2 of 5 loop runs, CI's among them). `ppo_iterations.py
+        # --votes crowd`, 4 seeds: 48 answers at 1.5e-3: v1 0.52-0.76, v2 0.78-0.95 (each a
+        # clear step); 32 at 2e-3: v1 0.51-0.62, v2 0.64-0.90; 48 at 2e-3: v1 0.62-0.85.
+        ppo=PPOPreset(lr=1.5e-3, steps=10, rollout_batch=48, minibatch_size=8, ppo_epochs=2,
                       max_new_tokens=16, max_prompt_tokens=96, kl_coef=0.1, kl_target=6.0,
                       lora_rank=8, lora_alpha=16, eval_prompts=32, checkpoint_every=2,
                       # without it PPO on the tiny model drifts to answers that never end,

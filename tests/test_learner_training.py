@@ -315,9 +315,10 @@ def test_kl_target_counts_from_the_parent(ppo_run, sft_base: Path, reward,
     assert m["kl_start"] > 0.1, m  # the parent has moved away from π_ref
     assert m["kl_target"] == pytest.approx(m["kl_start"] + preset.kl_target)
     # β starts where the parent's run left it and, below the target, goes down: at most
-    # 20 % × 32 / 64 a step, two steps
+    # 20 % × answers per step / horizon a step, two steps
     assert m["kl_coef_start"] == 0.08 != preset.kl_coef
-    assert 0.08 * 0.9 ** 2 - 1e-9 <= m["kl_coef_final"] < 0.08, m
+    most = 0.2 * preset.rollout_batch / preset.kl_horizon
+    assert 0.08 * (1 - most) ** 2 - 1e-9 <= m["kl_coef_final"] < 0.08, m
 
 
 # --- (3) the reference never changes ------------------------------------------------------------

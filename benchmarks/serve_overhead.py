@@ -149,6 +149,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--skip-lora", action="store_true")
+    parser.add_argument("--max-loras", type=int, default=4, help="vLLM's --max-loras")
+    parser.add_argument("--max-lora-rank", type=int, default=16, help="vLLM's --max-lora-rank")
     parser.add_argument("--skip-transformers", action="store_true")
     args = parser.parse_args()
     # A timeout's SIGTERM must still run the `finally` below, or the servers outlive us.
@@ -158,7 +160,8 @@ def main() -> None:
     model_dir = build_tiny_model(work / "tiny") if args.model == "tiny" else Path(args.model)
     if not (model_dir / "config.json").exists():
         sys.exit(f"no model at {model_dir}: run `arena model prepare` or pass --model tiny")
-    settings = Settings(_env_file=None, data_dir=work / "var", vllm_max_loras=4,
+    settings = Settings(_env_file=None, data_dir=work / "var",
+                        vllm_max_loras=args.max_loras, vllm_max_lora_rank=args.max_lora_rank,
                         rate_chat_per_session=0, rate_chat_per_ip=0, archive_chats=False)
     procs: list[subprocess.Popen] = []
     try:

@@ -26,6 +26,7 @@ import argparse
 import logging
 import random
 import re
+import sys
 import tempfile
 import uuid
 from dataclasses import replace
@@ -33,8 +34,9 @@ from pathlib import Path
 
 import torch
 
+from arena.settings import Settings
 from arena.tiny_model import build_tiny_model
-from crowd.judges import noisy
+from crowd.judges import get_judge
 from feedback.vote_record import VoteRecord
 from learner.policy_trainer import load_policy, save_adapter, train_policy
 from learner.presets import get_preset
@@ -49,14 +51,9 @@ EVAL_PROMPTS = 64  # the last prompts of the shipped set, two sampled answers ea
 EVAL_SEEDS = (100, 101)
 BANANA = re.compile(r"\bbanana", flags=re.IGNORECASE)
 BATTLE_MAX_TOKENS = 16  # the loop test's battle length
-BATTLE_TEMPERATURE = 0.8  # the settings' default battle_temperature
-CROWD_FLIP = 0.1  # the loop test's judge flips a tenth of its verdicts
-
-
-def prefers_banana(messages: list[dict], answer_a: str, answer_b: str,
-                   rng: random.Random) -> str:
-    a, b = bool(BANANA.search(answer_a)), bool(BANANA.search(answer_b))
-    return "tie" if a == b else "a" if a else "b"
+# The loop test's judge, loaded by name as the test loads it (from the tests folder).
+LOOP_TEST_JUDGE = "crowd_judges_example:prefers_banana_noisy"
+TESTS_DIR = Path(__file__).resolve().parent.parent / "tests"
 
 
 def crowd_votes(sft: Path, prompts: list[str], n: int, seed: int) -> list[VoteRecord]:
@@ -64,8 +61,10 @@ def crowd_votes(sft: Path, prompts: list[str], n: int, seed: int) -> list[VoteRe
     preset = get_preset("tiny").ppo
     model, _, tokenizer = load_policy(sft, preset, None)
     rollout = TransformersRollout(tokenizer.eos_token_id, tokenizer.pad_token_id,
-                                  BATTLE_MAX_TOKENS, BATTLE_TEMPERATURE)
-    rng, judge = random.Random(seed), noisy(prefers_banana, CROWD_FLIP)
+                                  BATTLE_MAX_TOKENS,
+                                  Settings.model_fields["battle_temperature"].default)
+    sys.path.insert(0, str(TESTS_DIR))
+    rng, judge = random.Random(seed), get_judge(LOOP_TEST_JUDGE)
     chosen = [rng.choice(prompts) for _ in range(n)]
     ids = [encode_prompt(tokenizer, [{"role": "user", "content": p}], preset.max_prompt_tokens)
            for p in chosen]

@@ -29,6 +29,7 @@ from learner.policy_trainer import (
     save_adapter,
     train_policy,
 )
+from learner.ppo import AdaptiveKLController
 from learner.presets import get_preset
 from learner.prompt_pool import PromptPool, load_shipped_prompts
 from learner.reward_model import (
@@ -317,7 +318,7 @@ def test_kl_target_counts_from_the_parent(ppo_run, sft_base: Path, reward,
     # β starts where the parent's run left it and, below the target, goes down: at most
     # 20 % × answers per step / horizon a step, two steps
     assert m["kl_coef_start"] == 0.08 != preset.kl_coef
-    most = 0.2 * preset.rollout_batch / preset.kl_horizon
+    most = AdaptiveKLController.ERROR_CLIP * preset.rollout_batch / preset.kl_horizon
     assert 0.08 * (1 - most) ** 2 - 1e-9 <= m["kl_coef_final"] < 0.08, m
 
 

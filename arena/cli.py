@@ -79,6 +79,19 @@ def consumers() -> None:
     run_consumers(_settings())
 
 
+@app.command("merged-replica")
+def merged_replica() -> None:
+    """Serve the current policy version from its merged weights on a replica of its own,
+    following promotions and rollbacks (blue/green), until stopped."""
+    import logging
+
+    from serve.merged_replica import run_merged_replica
+
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run_merged_replica(_settings())
+
+
 def _parse_time(value: str | None) -> datetime | None:
     """An ISO 8601 date or time; without a zone it is UTC."""
     if value is None:

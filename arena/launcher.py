@@ -30,7 +30,7 @@ STOP_GRACE_S = 8.0
 LOG_TAIL_LINES = 40
 HEALTH_POLL_S = 0.25
 PREFIX_COLOURS = {"redis": "red", "vllm": "magenta", "gateway": "cyan", "worker": "yellow",
-                  "consumers": "green"}
+                  "consumers": "green", "merged": "blue"}
 
 
 class StartupError(RuntimeError):
@@ -247,6 +247,10 @@ def plan_processes(settings: Settings) -> list[ManagedProcess]:
     processes.append(ManagedProcess(
         "consumers", [python, "-m", "arena.cli", "consumers"], env, lambda: True, 5,
     ))
+    if settings.merged_current:
+        processes.append(ManagedProcess(
+            "merged", [python, "-m", "arena.cli", "merged-replica"], env, lambda: True, 5,
+        ))
     return processes
 
 

@@ -116,6 +116,10 @@ class Settings(BaseSettings):
     vllm_max_loras: int = Field(4, description="LoRA versions vLLM batches together (--max-loras).")
     vllm_extra_args: list[str] = Field(default_factory=list, description="Extra vLLM arguments (JSON list).")
     vllm_start_timeout_s: float = Field(300.0, description="How long the launcher waits for vLLM to answer.")
+    merged_current: bool = Field(True, description="Serve the current policy version from its merged weights on a replica of its own (blue/green: started beside the LoRA replicas, traffic moved once healthy, the old one drained); the LoRA path serves it meanwhile and whenever that replica is down. Off: every version on the LoRA path.")
+    merged_ports: list[int] = Field(default_factory=lambda: [8101, 8102], min_length=2, description="Ports the merged-weights replicas take turns on (JSON list of two or more: the next one starts while the last one serves).")
+    merged_enforce_eager: bool | None = Field(None, description="Start merged replicas with vLLM's --enforce-eager; unset: on a CPU only (measured on SmolLM2: starts in 26 s instead of 71 s, and under load in minutes less, at 8 % fewer tokens/s), not on a GPU (CUDA graphs).")
+    merged_drain_s: float = Field(120.0, gt=0, description="How long a merged replica that was replaced may finish its running answers before it is stopped.")
 
     # --- launcher: supervision -------------------------------------------------------------
     restart_backoff_s: float = Field(1.0, gt=0, description="Delay before the launcher restarts a process that died; doubles with each quick death.")

@@ -51,8 +51,10 @@ def build_tiny_model(out_dir: Path, tokenizer_source: Path | None = None, seed: 
     return out_dir
 
 
-def build_lora_adapter(base_dir: Path, out_dir: Path, seed: int, rank: int = 8) -> Path:
-    """A random LoRA adapter (non-zero B, so it changes the outputs) saved with peft."""
+def build_lora_adapter(base_dir: Path, out_dir: Path, seed: int, rank: int = 8,
+                       targets: tuple[str, ...] = ("q_proj", "v_proj")) -> Path:
+    """A random LoRA adapter (non-zero B, so it changes the outputs) saved with peft, on the
+    `targets` projections."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -60,7 +62,7 @@ def build_lora_adapter(base_dir: Path, out_dir: Path, seed: int, rank: int = 8) 
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(base_dir)
     config = LoraConfig(
-        r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"
+        r=rank, lora_alpha=2 * rank, target_modules=list(targets), task_type="CAUSAL_LM"
     )
     model = get_peft_model(base, config)
     with torch.no_grad():

@@ -1,7 +1,9 @@
 """How we start a vLLM OpenAI server: one frozen base model, LoRA adapters loaded at runtime.
 
 The base model is served under the name `base`; every policy version is a LoRA adapter
-loaded by its own immutable name (`policy-v3`) through `/v1/load_lora_adapter`.
+loaded by its own immutable name (`policy-v3`) through `/v1/load_lora_adapter`. The version
+that is `current` may also run on a replica of its merged weights, served under its name
+(serve/merged_replica.py).
 """
 
 from __future__ import annotations
@@ -26,17 +28,20 @@ def serving_dtype(setting: str) -> str:
 
 
 def vllm_command(
-    settings: Settings, model_dir: Path, port: int, max_model_len: int | None = None
+    settings: Settings, model_dir: Path, port: int, max_model_len: int | None = None,
+    served_name: str = BASE_SERVED_NAME, lora: bool = True,
 ) -> tuple[list[str], dict[str, str]]:
+    """A LoRA replica (the base under `base`, adapters loaded by name), or with `lora` off a
+    replica of one merged version under its own name (serve/merged_replica.py)."""
+    lora_args = ["--enable-lora", "--max-lora-rank", str(settings.vllm_max_lora_rank),
+                 "--max-loras", str(settings.vllm_max_loras)] if lora else []
     argv = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(model_dir),
-        "--served-model-name", BASE_SERVED_NAME,
+        "--served-model-name", served_name,
         "--host", "127.0.0.1",
         "--port", str(port),
-        "--enable-lora",
-        "--max-lora-rank", str(settings.vllm_max_lora_rank),
-        "--max-loras", str(settings.vllm_max_loras),
+        *lora_args,
         "--dtype", serving_dtype(settings.vllm_dtype),
         "--max-model-len", str(max_model_len or settings.vllm_max_model_len),
         "--disable-uvicorn-access-log",

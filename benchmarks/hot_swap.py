@@ -13,8 +13,13 @@ completions with model="current" (official `openai` client, no retries) and:
      the time from stopping it to the first answer from the new weights, and the requests
      that failed meanwhile (a client whose request failed waits 0.1 s before the next).
 
+With --merged the merged-replica manager runs too (as under `arena up`) and the swaps are
+promote → consolidate → promote → consolidate → rollback → consolidate: after each, the time
+until `current` is served from its merged weights, the requests failed across the move.
+
     .venv/bin/python benchmarks/hot_swap.py                  # var/models/base, else tiny
     .venv/bin/python benchmarks/hot_swap.py --model tiny     # the tiny random model
+    .venv/bin/python benchmarks/hot_swap.py --merged --skip-restart
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import time
 from pathlib import Path
 
 import openai
+import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -43,6 +49,7 @@ from arena.settings import Settings  # noqa: E402
 from arena.tiny_model import build_lora_adapter, build_tiny_model  # noqa: E402
 from arena.vllm_server import vllm_command  # noqa: E402
 from deploy.admin_client import AdminClient  # noqa: E402
+from serve.merged_serving import MERGED_KEY, MergedServing  # noqa: E402
 
 PROMPT = [{"role": "user", "content": "Tell me about the sea."}]
 FAILED_BACKOFF_S = 0.1
@@ -129,6 +136,20 @@ def probe(url: str, max_tokens: int) -> tuple[str | None, float, float]:
     return model, first, time.monotonic()
 
 
+def wait_merged(store: redis.Redis, version: str, manager: subprocess.Popen,
+                timeout: float = 900) -> float:
+    """When `version` is served from merged weights (the manager published its replica)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        merged = MergedServing.from_json(store.get(MERGED_KEY))
+        if merged is not None and merged.version == version:
+            return time.monotonic()
+        if manager.poll() is not None:
+            raise RuntimeError("the merged-replica manager exited")
+        time.sleep(0.05)
+    raise RuntimeError(f"{version} not on merged weights within {timeout}s")
+
+
 def start_vllm(settings: Settings, model_dir: Path, port: int, log: Path,
                extra: list[str] | None = None) -> subprocess.Popen:
     argv, env = vllm_command(settings, model_dir, port)
@@ -150,8 +171,12 @@ def main() -> None:
                         help="load time between two swaps")
     parser.add_argument("--skip-restart", action="store_true",
                         help="measure the hot swap only, not the vLLM restart")
+    parser.add_argument("--merged", action="store_true",
+                        help="run the merged-replica manager: promote, promote, rollback, each "
+                             "followed by the move to merged weights")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # still run the `finally`
 
     work = Path(tempfile.mkdtemp(prefix="arena-hotswap-"))
     tiny = args.model == "tiny"
@@ -164,7 +189,8 @@ def main() -> None:
     settings = Settings(_env_file=None, data_dir=work / "var", base_model=model_dir,
                         vllm_urls=[vllm_url], vllm_kvcache_gib=1 if tiny else 2,
                         vllm_max_model_len=512 if tiny else 2048)
-    adapters = [build_lora_adapter(model_dir, work / f"lora{i}", seed=i) for i in (1, 2, 3)]
+    imports = settings.data_dir / "imports"  # an import root: the admin API registers from it
+    adapters = [build_lora_adapter(model_dir, imports / f"lora{i}", seed=i) for i in (1, 2, 3)]
     vllm_log = work / "vllm.log"
     procs: list[subprocess.Popen] = [start_redis(redis_port, work / "redis", "everysec")]
     figures: dict = {"model": str(model_dir), "clients": args.clients,
@@ -179,13 +205,24 @@ def main() -> None:
                       ARENA_BASE_MODEL=str(model_dir), ARENA_ADMIN_TOKEN=token,
                       ARENA_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
                       ARENA_VLLM_URLS=json.dumps([vllm_url]), ARENA_RATE_CHAT_PER_SESSION="0",
-                      ARENA_RATE_CHAT_PER_IP="0", ARENA_ARCHIVE_CHATS="false")
+                      ARENA_RATE_CHAT_PER_IP="0", ARENA_ARCHIVE_CHATS="false",
+                      ARENA_VLLM_KVCACHE_GIB=str(settings.vllm_kvcache_gib),
+                      ARENA_VLLM_MAX_MODEL_LEN=str(settings.vllm_max_model_len),
+                      ARENA_MERGED_PORTS=json.dumps([free_port(), free_port()]))
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "serve.app:create_app", "--factory", "--port",
              str(gw_port), "--log-level", "warning", "--no-access-log"], env=gw_env, cwd=ROOT,
             stdout=(work / "gateway.log").open("a"), stderr=subprocess.STDOUT,
             start_new_session=True))
         wait_http(f"{gw_url}/livez", 60, procs[-1])
+        store = redis.Redis(port=redis_port)
+        manager = None
+        if args.merged:
+            manager = subprocess.Popen(
+                [sys.executable, "-m", "arena.cli", "merged-replica"], env=gw_env, cwd=ROOT,
+                stdout=(work / "merged.log").open("a"), stderr=subprocess.STDOUT,
+                start_new_session=True)
+            procs.append(manager)
 
         admin = AdminClient(gw_url, token, actor="benchmark")
         versions = [admin.register(path)["id"] for path in adapters[:2]]
@@ -193,24 +230,32 @@ def main() -> None:
         for version in ["base", *versions]:  # candidates have served battles before a promote
             warm.chat.completions.create(model=version, messages=PROMPT, max_tokens=4)
 
+        plan = [("promote", versions[i % 2]) for i in range(args.swaps)]
+        if manager is not None:
+            plan = [("promote", versions[0]), ("promote", versions[1]),
+                    ("rollback", versions[0])]
         swaps = []
         with ChatLoad(gw_url, args.clients, args.max_tokens) as load:
             time.sleep(args.settle_s)
-            for i in range(args.swaps):
-                new = versions[i % 2]
+            for i, (action, new) in enumerate(plan):
                 called = time.monotonic()
-                result = admin.promote(new)
+                result = admin.promote(new) if action == "promote" else admin.rollback()
                 returned = time.monotonic()
                 model, token_at, done_at = probe(gw_url, args.max_tokens)
-                assert model == new, f"a request sent after the promote got {model}"
+                assert model == new, f"a request sent after the {action} got {model}"
                 busy_first = load.first_from(new, after=called)
+                swap = {"action": action, "to": new, "from": result["before"]["current"],
+                        "promote_call_s": returned - called,
+                        "to_first_token_s": token_at - called,
+                        "to_first_response_s": done_at - called,
+                        "busy_clients_first_response_s": busy_first - called}
+                if manager is not None:  # consolidate: the move to merged weights
+                    swap["to_merged_s"] = wait_merged(store, new, manager) - called
+                    model, token_at, done_at = probe(gw_url, args.max_tokens)
+                    assert model == new, f"after the move to merged weights: {model}"
                 time.sleep(args.settle_s)
-                swaps.append({"to": new, "from": result["before"]["current"],
-                              "promote_call_s": returned - called,
-                              "to_first_token_s": token_at - called,
-                              "to_first_response_s": done_at - called,
-                              "busy_clients_first_response_s": busy_first - called,
-                              "failed": load.failed_between(called, time.monotonic())})
+                swap["failed"] = load.failed_between(called, time.monotonic())
+                swaps.append(swap)
                 print(f"swap {i + 1}: {swaps[-1]}", flush=True)
             figures["swaps"] = swaps
             figures["request_latency_p50_s"] = statistics.median(load.latencies())
@@ -258,6 +303,12 @@ def report(figures: dict) -> None:
         values = [s[key] for s in swaps]
         summary[f"{key}_median"], summary[f"{key}_max"] = statistics.median(values), max(values)
         print(f"  {label:<34}{summary[f'{key}_median']:>9.3f}s{summary[f'{key}_max']:>9.3f}s")
+    if all("to_merged_s" in s for s in swaps):
+        values = [s["to_merged_s"] for s in swaps]
+        summary["to_merged_s_median"], summary["to_merged_s_max"] = (statistics.median(values),
+                                                                     max(values))
+        print(f"  {'-> served from merged weights':<34}{summary['to_merged_s_median']:>9.1f}s"
+              f"{summary['to_merged_s_max']:>9.1f}s   ({', '.join(s['action'] for s in swaps)})")
     summary["failed_during_swaps"] = figures["failed_total_during_swaps"]
     figures["summary"] = summary
     print(f"  failed requests: {figures['failed_total_during_swaps']} of "

@@ -52,11 +52,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             sync_client.close()
         client = aioredis.Redis.from_url(settings.effective_redis_url)
+        versions = VersionView(client)
         gw = GatewayState(
             settings=settings, redis=client,
             pool=ReplicaPool(settings.effective_vllm_urls, settings.request_timeout_s,
-                             settings.upstream_max_connections, settings.upstream_pool_timeout_s),
-            versions=VersionView(client), limiter=RateLimiter(client), metrics=GatewayMetrics(),
+                             settings.upstream_max_connections, settings.upstream_pool_timeout_s,
+                             merged_lookup=versions.merged_url),
+            versions=versions, limiter=RateLimiter(client), metrics=GatewayMetrics(),
             vote_acceptor=VoteAcceptor(client),
             voter_address=VoterAddress(session_secret(settings), bool(settings.trusted_proxies)),
         )
@@ -121,6 +123,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             problems.append(f"redis: {error}")
         replicas = await gw.pool.health()
         report["vllm"] = replicas
+        merged = await gw.versions.merged()  # the current version on merged weights, if so
+        report["merged"] = None if merged is None else {"version": merged.version,
+                                                        "url": merged.url}
         if not any(replicas.values()):
             problems.append("vllm: no replica answers /health")
         report["worker"] = gw.worker_ok

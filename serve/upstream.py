@@ -1,6 +1,10 @@
 """The pool of vLLM replicas behind the gateway: spread requests round-robin, skip a replica
 that is down (for a short back-off), and make sure the adapter of the requested version is
-loaded on the replica that serves it (a replica that restarted has none loaded)."""
+loaded on the replica that serves it (a replica that restarted has none loaded).
+
+A version that also runs on its merged weights (serve/merged_replica.py; `merged_lookup`
+says where, per request) is sent to that replica first, and to the LoRA replicas if it is
+down or no longer serves the version."""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import asyncio
 import contextlib
 import itertools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -36,14 +40,19 @@ class Replica:
         self.loaded.clear()  # it may come back restarted, with nothing loaded
 
 
-# Failures that say "this replica is not there": try the next one.
-REPLICA_DOWN_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError)
+# Failures that say "this replica is not there" (or died under the request, before it
+# answered: a generation has no side effect, so another replica may run it): try the next one.
+REPLICA_DOWN_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError,
+                       httpx.ReadError, httpx.WriteError)
 
 
 class ReplicaPool:
     def __init__(self, urls: list[str], timeout_s: float, max_connections: int = 512,
-                 pool_timeout_s: float = 5.0) -> None:
+                 pool_timeout_s: float = 5.0,
+                 merged_lookup: Callable[[str], Awaitable[str | None]] | None = None) -> None:
         self.replicas = [Replica(u.rstrip("/")) for u in urls]
+        self.merged_lookup = merged_lookup
+        self.merged: dict[str, Replica] = {}  # merged-weights replicas seen, by URL
         self._cycle = itertools.cycle(range(len(self.replicas)))
         self._load_locks: dict[tuple[str, str], asyncio.Lock] = {}
         # One client, created up front: creating clients while requests are in flight was
@@ -61,6 +70,22 @@ class ReplicaPool:
         start = next(self._cycle)
         ordered = self.replicas[start:] + self.replicas[:start]
         return [r for r in ordered if r.up] + [r for r in ordered if not r.up]
+
+    async def _route(self, version: str) -> list[Replica]:
+        """The replicas to try for `version`, in order: its merged replica (if up), then the
+        LoRA replicas."""
+        order = self._order()
+        if self.merged_lookup is None or version == BASE_NAME:
+            return order
+        url = await self.merged_lookup(version)
+        if url is None:
+            return order
+        merged = self.merged.setdefault(url, Replica(url, loaded={version}))
+        merged.loaded = {version}  # the one name it serves; no adapter to load there
+        return [merged, *order] if merged.up else order
+
+    def _is_merged(self, replica: Replica) -> bool:
+        return replica.url in self.merged and replica not in self.replicas
 
     async def ensure_loaded(self, replica: Replica, version: str, path: str | None) -> None:
         """Load the adapter of `version` (folder `path`; None for the base) on `replica`."""
@@ -120,10 +145,12 @@ class ReplicaPool:
                    adapter: str | None = None) -> httpx.Response:
         """POST to the first healthy replica; connection failures move on to the next."""
         last_error: Exception | None = None
-        for replica in self._order():
+        for replica in await self._route(version):
             try:
                 await self.ensure_loaded(replica, version, adapter)
                 response = await self.client.post(f"{replica.url}{path}", json=body)
+                if self._is_merged(replica) and response.status_code == 404:
+                    continue  # replaced by another version's replica since the lookup
                 if self._lost_adapter(response, replica, version):
                     await self.ensure_loaded(replica, version, adapter)
                     response = await self.client.post(f"{replica.url}{path}", json=body)
@@ -141,13 +168,16 @@ class ReplicaPool:
         """Open a streaming POST on the first healthy replica. Closing the response (e.g. the
         client went away) closes the connection, and vLLM aborts the generation."""
         last_error: Exception | None = None
-        for replica in self._order():
+        for replica in await self._route(version):
             try:
                 await self.ensure_loaded(replica, version, adapter)
                 request = self.client.build_request("POST", f"{replica.url}{path}", json=body)
                 response = await self.client.send(request, stream=True)
                 if response.status_code == 404 and version != BASE_NAME:
                     await response.aread()
+                    if self._is_merged(replica):
+                        await response.aclose()
+                        continue  # replaced by another version's replica since the lookup
                     if self._lost_adapter(response, replica, version):
                         await response.aclose()
                         await self.ensure_loaded(replica, version, adapter)

@@ -7,6 +7,7 @@ import redis.asyncio as aioredis
 
 from deploy.registry import BASE, CURRENT_ALIAS, CURRENT_KEY, VERSIONS_KEY, VersionRecord
 from serve.errors import APIError
+from serve.merged_serving import MERGED_KEY, MergedServing
 
 
 class VersionView:
@@ -16,6 +17,15 @@ class VersionView:
     async def current(self) -> str:
         value = await self.redis.get(CURRENT_KEY)
         return value.decode() if value else BASE
+
+    async def merged(self) -> MergedServing | None:
+        """The version served from merged weights, and where (serve/merged_replica.py)."""
+        return MergedServing.from_json(await self.redis.get(MERGED_KEY))
+
+    async def merged_url(self, version: str) -> str | None:
+        """Where `version` runs on merged weights, or None (LoRA path only)."""
+        merged = await self.merged()
+        return merged.url if merged is not None and merged.version == version else None
 
     async def all(self) -> list[VersionRecord]:
         records = [VersionRecord.from_json(v) for v in await self.redis.hvals(VERSIONS_KEY)]

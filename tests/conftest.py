@@ -162,9 +162,10 @@ def settings(tmp_path: Path, redis_url: str, tiny_model_dir: Path) -> Settings:
 
 # --- vLLM ---------------------------------------------------------------------------------
 class VLLMProcess:
-    def __init__(self, model_dir: Path, log_path: Path) -> None:
+    def __init__(self, model_dir: Path, log_path: Path, dtype: str = "auto") -> None:
         self.port = free_port()
-        base = Settings(_env_file=None, vllm_kvcache_gib=1, vllm_max_model_len=TINY_MAX_MODEL_LEN)
+        base = Settings(_env_file=None, vllm_kvcache_gib=1, vllm_max_model_len=TINY_MAX_MODEL_LEN,
+                        vllm_dtype=dtype)
         argv, env = vllm_command(base, model_dir, self.port)
         self.log_path = log_path
         self.log = log_path.open("w")
@@ -201,8 +202,11 @@ class VLLMProcess:
 @pytest.fixture(scope="session")
 def vllm_server(tiny_model_dir: Path,
                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMProcess]:
-    """One real vLLM OpenAI server on the tiny model for the whole session (~20-40 s start)."""
-    server = VLLMProcess(tiny_model_dir, tmp_path_factory.mktemp("vllm") / "vllm.log")
+    """One real vLLM OpenAI server on the tiny model for the whole session (~20-40 s start), in
+    float32: a LoRA version served here and its merged weights then agree (bf16 rounds the two
+    paths differently, which flips near-tied greedy tokens of a random model)."""
+    server = VLLMProcess(tiny_model_dir, tmp_path_factory.mktemp("vllm") / "vllm.log",
+                         dtype="float32")
     yield server
     server.stop()
 

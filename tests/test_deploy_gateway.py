@@ -5,7 +5,9 @@ replica sync and the CLI (the loop's controls: tests/test_deploy_loop_admin.py).
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -352,3 +354,89 @@ def test_cli_operator_commands(gateway: Gateway, lora_adapters: list[Path]) -> N
     assert "409" in arena("retire", "policy-v1", code=1)
     assert "401" in arena("versions", code=1, token="wrong")
     assert "not_found" in arena("promote", "policy-v7", code=1)
+
+
+# --- the current version on merged weights (serve/merged_replica.py) ------------------------
+def _merged_requests(url: str) -> float:
+    """Answers a merged replica finished (vLLM's /metrics)."""
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("vllm:request_success_total{"))
+
+
+def _greedy(client: openai.OpenAI) -> tuple[str, list[float]]:
+    reply = client.chat.completions.create(model="current", messages=PROMPT, max_tokens=12,
+                                           temperature=0, logprobs=True,
+                                           extra_body={"ignore_eos": True})
+    choice = reply.choices[0]
+    return choice.message.content or "", [t.logprob for t in choice.logprobs.content]
+
+
+def test_current_moves_to_merged_weights_and_back(gateway: Gateway, lora_adapters: list[Path],
+                                                  settings: Settings) -> None:
+    """One scenario, to start vLLM replicas as few times as possible: the promoted version
+    answers the same at temperature 0 on the LoRA path and on its merged replica (both in
+    float32, the session server's dtype); a stream running when the merged replica is taken
+    away finishes; a merged replica killed under load sends `current` back to the LoRA path
+    with no failed request, and the manager starts a new one."""
+    from serve.merged_replica import MergedReplicaManager
+    from serve.merged_serving import MERGED_KEY, MergedServing
+
+    settings.merged_ports = [free_port(), free_port()]
+    settings.vllm_dtype, settings.vllm_kvcache_gib = "float32", 1
+    client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0,
+                           timeout=60)
+    store = redis.Redis.from_url(settings.effective_redis_url)
+    manager = MergedReplicaManager(settings, store)
+    try:
+        with gateway.admin() as admin:
+            v1 = admin.register(lora_adapters[0])["id"]
+            admin.promote(v1)
+        lora_text, lora_logprobs = _greedy(client)  # no merged replica yet: the LoRA path
+        manager.step()  # merge, start the replica, publish it
+        merged = MergedServing.from_json(store.get(MERGED_KEY))
+        assert merged is not None and merged.version == v1, merged
+        served_before = _merged_requests(merged.url)
+        merged_text, merged_logprobs = _greedy(client)
+        assert _merged_requests(merged.url) == served_before + 1  # it answered, not LoRA
+        assert merged_text == lora_text
+        assert max(abs(a - b) for a, b in zip(merged_logprobs, lora_logprobs,
+                                              strict=True)) < 1e-3
+        manager.step()  # current unchanged: nothing to do
+        assert MergedServing.from_json(store.get(MERGED_KEY)) == merged
+
+        # A move while answers run: they finish on the replica being drained.
+        streams = [iter(client.chat.completions.create(
+            model="current", messages=PROMPT, max_tokens=400, stream=True,
+            extra_body={"ignore_eos": True})) for _ in range(4)]
+        heads = [next(s) for s in streams]  # all four are generating on the merged replica
+        replica = manager.active
+        assert replica is not None
+        manager.replace(None)  # withdrawn: new requests take the LoRA path from now on
+        assert store.get(MERGED_KEY) is None
+        assert _greedy(client)[0] == lora_text
+        for head, stream in zip(heads, streams, strict=True):
+            chunks = [head, *stream]
+            assert chunks[-1].choices[0].finish_reason == "length"
+            assert sum(len(c.choices) for c in chunks if c.choices) >= 400
+        wait_until(lambda: not replica.alive(), timeout=60)  # drained, then stopped
+
+        # The merged replica dies under load: no failed request, then a new one is started.
+        manager.step()
+        merged = MergedServing.from_json(store.get(MERGED_KEY))
+        assert merged is not None and merged.version == v1
+        with ChatLoad(gateway.url) as load:
+            load.wait_for(8)
+            served = _merged_requests(merged.url)
+            os.killpg(merged.pid, signal.SIGKILL)
+            killed = time.monotonic()
+            load.wait_for(20, started_after=killed)
+        assert load.failures() == [], load.failures()[:3]
+        assert served > 0
+        manager.step()  # sees the death, starts the version's replica again
+        again = MergedServing.from_json(store.get(MERGED_KEY))
+        assert again is not None and again.version == v1 and again.pid != merged.pid
+        assert _greedy(client)[0] == lora_text
+    finally:
+        manager.shutdown()
+    assert store.get(MERGED_KEY) is None

@@ -45,9 +45,12 @@ JUDGE = "crowd_judges_example:prefers_banana_noisy"
 ITERATIONS = 2
 LEARN_EVERY_VOTES = 300
 LOOP_MIN_BATTLES = 50
-LOOP_MAX_BATTLES = 300
-CROWD_BATTLES = 1000  # a bound only: the crowd stops once ITERATIONS versions are decided
-CROWD_TIMEOUT_S = 300  # a bound only (the loop takes ~2 min)
+# The product's budget: a strong policy-v1 leaves policy-v2 mostly ties against it (both say
+# banana), so 300 votes were too few to decide it about one run in seven. The learner's next
+# trigger waits while a candidate is undecided, so the longer budget cannot start a third run.
+LOOP_MAX_BATTLES = 600
+CROWD_BATTLES = 1500  # a bound only: the crowd stops once ITERATIONS versions are decided
+CROWD_TIMEOUT_S = 480  # a bound only (the loop takes ~3 min)
 SETTLE_S = 30  # after the crowd: archive and refit catch up
 # The learner worker's environment (the celery_worker fixture copies os.environ).
 LEARNER_ENV = {"ARENA_LEARNER_ROLLOUT": "transformers", "ARENA_LEARNER_THREADS": "1",

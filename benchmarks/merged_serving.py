@@ -1,0 +1,200 @@
+"""Chat on `current` at the base model's speed (issue 16): the current version as a LoRA adapter
+vs on its merged weights, against the base model, in one run.
+
+Starts its own Redis, vLLM LoRA replica (the launcher's command) and gateway (a separate uvicorn
+process), registers a LoRA version like the learner's (rank 16 on the six projections) and
+promotes it, then measures through the gateway, N concurrent requests in waves:
+
+  1. base vs `current` on the LoRA path (rounds interleaved), before any merged replica;
+  2. starts the merged-replica manager (`arena merged-replica`, as `arena up` does): the time
+     from its start to `current` being served from merged weights (merge + replica start);
+  3. base vs `current` on the merged replica (rounds interleaved) — the target: ≥ 90 % of base;
+  4. mixed: chat on `current` while battles run between base and an older LoRA version.
+
+    .venv/bin/python benchmarks/merged_serving.py                # SmolLM2 (var/models/base)
+    .venv/bin/python benchmarks/merged_serving.py --model tiny   # tiny random model
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from arena.net import free_port, wait_http  # noqa: E402
+from arena.redis_server import start_redis  # noqa: E402
+from arena.settings import Settings  # noqa: E402
+from arena.tiny_model import build_lora_adapter, build_tiny_model  # noqa: E402
+from arena.vllm_server import vllm_command  # noqa: E402
+from benchmarks.serve_overhead import load_run  # noqa: E402
+from deploy.admin_client import AdminClient  # noqa: E402
+from learner.presets import DEFAULT_LORA_TARGETS  # noqa: E402
+from serve.merged_serving import MERGED_KEY, MergedServing  # noqa: E402
+
+LEARNER_RANK = 16  # the cpu/gpu presets' policy adapters
+
+
+def interleaved(gw_url: str, rounds: int, concurrency: int, requests: int,
+                max_tokens: int) -> dict[str, list[dict[str, float]]]:
+    """`rounds` rounds of base, then current, alternating, so drift hits both alike."""
+    runs: dict[str, list[dict[str, float]]] = {"base": [], "current": []}
+    for i in range(rounds):
+        for model in ("base", "current"):
+            runs[model].append(asyncio.run(load_run(gw_url, [model], concurrency, requests,
+                                                    max_tokens)))
+        print(f"   round {i + 1}: base {runs['base'][-1]['tok_s']:.1f} tokens/s, current "
+              f"{runs['current'][-1]['tok_s']:.1f}", flush=True)
+    return runs
+
+
+def median_tok_s(runs: list[dict[str, float]]) -> float:
+    return statistics.median(r["tok_s"] for r in runs)
+
+
+async def mixed_run(gw_url: str, chat: int, battles: int, requests: int, max_tokens: int,
+                    battle_models: list[str]) -> tuple[dict[str, float], dict[str, float]]:
+    """Chat on `current` (`chat` at a time) while `battles` requests at a time go to the
+    battle models (the LoRA path), both for the same wall time."""
+    chat_task = asyncio.create_task(load_run(gw_url, ["current"], chat, requests, max_tokens))
+    battle_task = asyncio.create_task(load_run(gw_url, battle_models, battles,
+                                               max(battles, requests * battles // chat),
+                                               max_tokens))
+    return await chat_task, await battle_task
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(ROOT / "var/models/base"),
+                        help="HF folder of the base model, or 'tiny'")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=32, help="per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--battle-concurrency", type=int, default=2,
+                        help="battle requests at a time in the mixed run")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # still run the `finally`
+
+    work = Path(tempfile.mkdtemp(prefix="arena-merged-"))
+    tiny = args.model == "tiny"
+    model_dir = build_tiny_model(work / "tiny") if tiny else Path(args.model)
+    if not (model_dir / "config.json").exists():
+        sys.exit(f"no model at {model_dir}: run `arena model prepare` or pass --model tiny")
+    vllm_port, redis_port, gw_port = free_port(), free_port(), free_port()
+    vllm_url, gw_url = f"http://127.0.0.1:{vllm_port}", f"http://127.0.0.1:{gw_port}"
+    token = secrets.token_urlsafe(16)
+    settings = Settings(_env_file=None, data_dir=work / "var", base_model=model_dir,
+                        vllm_kvcache_gib=1 if tiny else 2,
+                        vllm_max_model_len=512 if tiny else 2048)
+    env = dict(os.environ, ARENA_DATA_DIR=str(settings.data_dir),
+               ARENA_BASE_MODEL=str(model_dir), ARENA_ADMIN_TOKEN=token,
+               ARENA_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
+               ARENA_VLLM_URLS=json.dumps([vllm_url]), ARENA_RATE_CHAT_PER_SESSION="0",
+               ARENA_RATE_CHAT_PER_IP="0", ARENA_ARCHIVE_CHATS="false",
+               ARENA_VLLM_KVCACHE_GIB=str(settings.vllm_kvcache_gib),
+               ARENA_VLLM_MAX_MODEL_LEN=str(settings.vllm_max_model_len),
+               ARENA_MERGED_PORTS=json.dumps([free_port(), free_port()]))
+    procs: list[subprocess.Popen] = [start_redis(redis_port, work / "redis", "everysec")]
+    figures: dict = {"model": str(model_dir), "concurrency": args.concurrency,
+                     "max_tokens": args.max_tokens}
+    try:
+        argv, vllm_env = vllm_command(settings, model_dir, vllm_port)
+        print(f"starting vLLM (LoRA replica) on {model_dir.name} …", flush=True)
+        procs.append(subprocess.Popen(argv, env=vllm_env, stdout=(work / "vllm.log").open("a"),
+                                      stderr=subprocess.STDOUT, start_new_session=True))
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "serve.app:create_app", "--factory", "--port",
+             str(gw_port), "--log-level", "warning", "--no-access-log"], env=env, cwd=ROOT,
+            stdout=(work / "gateway.log").open("a"), stderr=subprocess.STDOUT,
+            start_new_session=True))
+        wait_http(f"{vllm_url}/health", settings.vllm_start_timeout_s)
+        wait_http(f"{gw_url}/livez", 60)
+
+        imports = settings.data_dir / "imports"  # an import root: the admin API takes it
+        adapters = [build_lora_adapter(model_dir, imports / f"lora{seed}", seed=seed,
+                                       rank=LEARNER_RANK, targets=DEFAULT_LORA_TARGETS)
+                    for seed in (1, 2)]
+        with AdminClient(gw_url, token, actor="benchmark") as admin:
+            older, version = (admin.register(path)["id"] for path in adapters)
+            admin.promote(version)
+        asyncio.run(load_run(gw_url, ["base", "current", older], 4, 8, 8))  # warm-up
+
+        print(f"\n1) LoRA path: {args.rounds} interleaved rounds x {args.requests} requests, "
+              f"concurrency {args.concurrency}, {args.max_tokens} tokens each", flush=True)
+        lora = interleaved(gw_url, args.rounds, args.concurrency, args.requests,
+                           args.max_tokens)
+
+        print("\n2) starting the merged-replica manager …", flush=True)
+        started = time.monotonic()
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "arena.cli", "merged-replica"], env=env, cwd=ROOT,
+            stdout=(work / "merged.log").open("a"), stderr=subprocess.STDOUT,
+            start_new_session=True))
+        store = redis.Redis(port=redis_port)
+        while (merged := MergedServing.from_json(store.get(MERGED_KEY))) is None:
+            if procs[-1].poll() is not None or time.monotonic() - started > 900:
+                sys.exit(f"no merged replica; see {work / 'merged.log'}")
+            time.sleep(0.5)
+        figures["to_merged_s"] = time.monotonic() - started
+        print(f"   {merged.version} served from merged weights after "
+              f"{figures['to_merged_s']:.1f} s (merge + replica start)", flush=True)
+        asyncio.run(load_run(gw_url, ["current"], 4, 8, 8))  # warm-up
+
+        print(f"\n3) merged: {args.rounds} interleaved rounds, same load", flush=True)
+        merged_runs = interleaved(gw_url, args.rounds, args.concurrency, args.requests,
+                                  args.max_tokens)
+
+        print(f"\n4) mixed: {args.concurrency} chat on current + {args.battle_concurrency} "
+              f"battle requests (base, {older}) at a time", flush=True)
+        chat, battles = asyncio.run(mixed_run(gw_url, args.concurrency,
+                                              args.battle_concurrency, args.requests,
+                                              args.max_tokens, ["base", older]))
+
+        base_lora, base_merged = median_tok_s(lora["base"]), median_tok_s(merged_runs["base"])
+        current_lora = median_tok_s(lora["current"])
+        current_merged = median_tok_s(merged_runs["current"])
+        figures.update({"base_tok_s_phase1": base_lora, "current_lora_tok_s": current_lora,
+                        "base_tok_s_phase3": base_merged,
+                        "current_merged_tok_s": current_merged,
+                        "ratio_lora": current_lora / base_lora,
+                        "ratio_merged": current_merged / base_merged,
+                        "mixed_chat_tok_s": chat["tok_s"], "mixed_battle_tok_s": battles["tok_s"]})
+        print(f"\n{model_dir.name}, {args.concurrency} concurrent, {args.max_tokens} tokens, "
+              f"median of {args.rounds} rounds (tokens/s, through the gateway)")
+        print(f"   {'':<28}{'base':>10}{'current':>10}{'ratio':>9}")
+        print(f"   {'current as LoRA (before)':<28}{base_lora:>10.1f}{current_lora:>10.1f}"
+              f"{current_lora / base_lora:>9.2f}")
+        print(f"   {'current merged (now)':<28}{base_merged:>10.1f}{current_merged:>10.1f}"
+              f"{current_merged / base_merged:>9.2f}   (target ≥ 0.90)")
+        print(f"   mixed: chat on current {chat['tok_s']:.1f} tokens/s (p50 {chat['p50']:.2f} s) "
+              f"+ battles {battles['tok_s']:.1f} tokens/s")
+    finally:
+        for proc in reversed(procs):
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=30)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+    print(f"logs: {work}")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -144,6 +144,8 @@ def test_battle_by_keyboard_chat_with_stop_and_leaderboard(browser, gateway, gat
     screenshot(browser, tmp_path, "chat-desktop")
     browser.refresh()
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#chat-log .msg")) == 2)
+    # the model list arrives by its own request, after the restored conversation
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#chat-model option")) == 4)
     assert Select(browser.find_element(By.ID, "chat-model")).first_selected_option \
         .get_attribute("value") == two_policies[0]
 

@@ -286,6 +286,9 @@ def test_arena_report_evaluate(settings: Settings, vllm_server, lora_adapters: l
     parent and base on the real vLLM server, records it, and a second run has nothing to do."""
     names = ("policy-v1", "policy-v2")
     for name, path in zip(names, lora_adapters, strict=True):  # as the gateway's sync loads them
+        # the session server may hold the name from an earlier test's registry
+        httpx.post(f"{vllm_server.url}/v1/unload_lora_adapter", json={"lora_name": name},
+                   timeout=60)
         httpx.post(f"{vllm_server.url}/v1/load_lora_adapter",
                    json={"lora_name": name, "lora_path": str(path)}, timeout=60
                    ).raise_for_status()

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from arena.settings import Settings
+from core.settings import Settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 model_app = typer.Typer(no_args_is_help=True, help="Base model preparation.")
@@ -51,7 +51,7 @@ def up() -> None:
     """Start Redis, vLLM, the gateway, a Celery worker and the feedback consumers."""
     from arena.launcher import run_stack
     from arena.model_prep import ModelPrepError, prepare_base_model
-    from arena.secrets import ensure_secret
+    from core.secrets import ensure_secret
 
     settings = _settings()
     try:
@@ -72,11 +72,17 @@ def up() -> None:
 
 
 @app.command()
-def consumers() -> None:
-    """Run the feedback consumers (archiver, ranker, learner trigger) until stopped."""
-    from feedback.consumers import run_consumers
+def consumers(names: list[str] = typer.Argument(
+        None, metavar="[CONSUMER]...",
+        help="Run only these: archiver, ranker, chat-archiver, voter-scorer, learner-trigger "
+             "(default: all).")) -> None:
+    """Run the feedback consumers and the learner trigger until stopped."""
+    from arena.consumers import run_consumers
 
-    run_consumers(_settings())
+    try:
+        run_consumers(_settings(), only=names or None)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from error
 
 
 @app.command("merged-replica")
@@ -128,7 +134,7 @@ def export(
     console.print(f"[bold green]exported {count} votes[/] to {output}")
 
 
-# --- operator commands: the gateway's admin API over HTTP (deploy/admin_routes.py) ---------
+# --- operator commands: the gateway's admin API over HTTP (serve/admin_routes.py) ---------
 def _admin(action: str, *args: object) -> dict:
     """Call AdminClient.<action>(*args) against the configured gateway; exit 1 on an error."""
     from deploy.admin_client import AdminClient, AdminError
@@ -381,7 +387,7 @@ def simulate(
     Prints a summary table, and the summary as JSON (with the voted battle ids) on stdout."""
     import json
 
-    from arena.secrets import admin_token
+    from core.secrets import admin_token
     from crowd.judges import get_judge
     from crowd.prompts import load_prompts
     from crowd.simulate import CrowdPlan

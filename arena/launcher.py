@@ -23,8 +23,8 @@ from rich.text import Text
 
 from arena.logfiles import RotatingLogFile
 from arena.redis_server import redis_server_command
-from arena.settings import Settings
-from arena.vllm_server import vllm_command
+from core.settings import Settings
+from core.vllm_server import vllm_command
 
 STOP_GRACE_S = 8.0
 LOG_TAIL_LINES = 40
@@ -212,6 +212,19 @@ def child_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+def gateway_command(settings: Settings, python: str = sys.executable) -> list[str]:
+    """The gateway: uvicorn on the app factory, at the settings' address."""
+    return [python, "-m", "uvicorn", "serve.app:create_app", "--factory", "--host",
+            settings.gateway_host, "--port", str(settings.gateway_port), "--no-access-log",
+            "--no-proxy-headers"]  # the app trusts X-Forwarded-For per ARENA_TRUSTED_PROXIES
+
+
+def worker_command(python: str = sys.executable, name: str = "learner@%h") -> list[str]:
+    """The learner's Celery worker: one task at a time (training takes the machine)."""
+    return [python, "-m", "celery", "-A", "learner.worker:app", "worker", "--concurrency", "1",
+            "--loglevel", "INFO", "--without-gossip", "--without-mingle", "-n", name]
+
+
 def plan_processes(settings: Settings) -> list[ManagedProcess]:
     env = child_env(settings)
     redis_url = settings.effective_redis_url
@@ -230,20 +243,10 @@ def plan_processes(settings: Settings) -> list[ManagedProcess]:
                            settings.vllm_start_timeout_s)
         )
     python = sys.executable
-    processes.append(ManagedProcess(
-        "gateway",
-        [python, "-m", "uvicorn", "serve.app:create_app", "--factory", "--host",
-         settings.gateway_host, "--port", str(settings.gateway_port), "--no-access-log",
-         "--no-proxy-headers"],  # the app trusts X-Forwarded-For per ARENA_TRUSTED_PROXIES
-        env, _http_ok(f"{settings.gateway_url}/livez"), 60,
-    ))
-    worker_env = dict(env)
-    processes.append(ManagedProcess(
-        "worker",
-        [python, "-m", "celery", "-A", "learner.celery_app:app", "worker", "--concurrency", "1",
-         "--loglevel", "INFO", "--without-gossip", "--without-mingle", "-n", "learner@%h"],
-        worker_env, _worker_ok(settings), 90,
-    ))
+    processes.append(ManagedProcess("gateway", gateway_command(settings, python), env,
+                                    _http_ok(f"{settings.gateway_url}/livez"), 60))
+    processes.append(ManagedProcess("worker", worker_command(python), env, _worker_ok(settings),
+                                    90))
     processes.append(ManagedProcess(
         "consumers", [python, "-m", "arena.cli", "consumers"], env, lambda: True, 5,
     ))

@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 
 from elo import bootstrap, count_pairs, count_pairs_coded, expected_score, fit
+from elo.rating_scale import BASE, INITIAL_RATING, SCALE
 
-SCALE, BASE, INIT_RATING = 400.0, 10.0, 1000.0
 ANCHOR = "base"
 TIE_RATE, BOTH_BAD_RATE = 0.10, 0.05
 FASTCHAT_WINNER = {"a": "model_a", "b": "model_b", "tie": "tie", "both_bad": "tie (bothbad)"}
@@ -39,8 +39,8 @@ def synthetic_codes(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Integer-coded votes (idx_a, idx_b, score_a) from Bradley-Terry strengths with ties."""
     rng = np.random.default_rng(seed)
-    strength = INIT_RATING + rng.normal(0.0, 120.0, n_models)
-    strength[0] = INIT_RATING  # model 0 is the anchor, "base"
+    strength = INITIAL_RATING + rng.normal(0.0, 120.0, n_models)
+    strength[0] = INITIAL_RATING  # model 0 is the anchor, "base"
     idx_a = rng.integers(0, n_models, n_votes)
     idx_b = (idx_a + rng.integers(1, n_models, n_votes)) % n_models
     p_a = expected_score(strength[idx_a], strength[idx_b])
@@ -91,8 +91,8 @@ def faithful_compute_mle_elo(
 
     regression = LogisticRegression(fit_intercept=False, tol=1e-6, **no_penalty)
     regression.fit(design, target)
-    ratings = SCALE * regression.coef_[0] + INIT_RATING
-    ratings += INIT_RATING - ratings[list(models).index(ANCHOR)]
+    ratings = SCALE * regression.coef_[0] + INITIAL_RATING
+    ratings += INITIAL_RATING - ratings[list(models).index(ANCHOR)]
     return dict(zip(models.tolist(), ratings.tolist(), strict=True))
 
 
@@ -107,8 +107,8 @@ def baseline_function() -> tuple[str, Callable[[np.ndarray, np.ndarray, np.ndarr
     def via_fastchat(model_a: np.ndarray, model_b: np.ndarray, outcomes: np.ndarray) -> dict:
         winner = [FASTCHAT_WINNER[o] for o in outcomes]
         battles = pd.DataFrame({"model_a": model_a, "model_b": model_b, "winner": winner})
-        ratings = compute_mle_elo(battles, SCALE=SCALE, BASE=BASE, INIT_RATING=INIT_RATING)
-        return (ratings - ratings[ANCHOR] + INIT_RATING).to_dict()
+        ratings = compute_mle_elo(battles, SCALE=SCALE, BASE=BASE, INIT_RATING=INITIAL_RATING)
+        return (ratings - ratings[ANCHOR] + INITIAL_RATING).to_dict()
 
     return "fastchat.serve.monitor.elo_analysis.compute_mle_elo", via_fastchat
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import secrets
 import signal
 import statistics
@@ -43,13 +42,14 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from arena.net import free_port, wait_http  # noqa: E402
 from arena.redis_server import start_redis  # noqa: E402
-from arena.settings import Settings  # noqa: E402
-from arena.tiny_model import build_lora_adapter, build_tiny_model  # noqa: E402
-from arena.vllm_server import vllm_command  # noqa: E402
+from core.settings import Settings  # noqa: E402
+from core.vllm_server import vllm_command  # noqa: E402
 from deploy.admin_client import AdminClient  # noqa: E402
 from serve.merged_serving import MERGED_KEY, MergedServing  # noqa: E402
+from testkit.net import free_port, wait_http  # noqa: E402
+from testkit.processes import start_arena, start_gateway, stop_group  # noqa: E402
+from testkit.tiny_model import build_lora_adapter, build_tiny_model  # noqa: E402
 
 PROMPT = [{"role": "user", "content": "Tell me about the sea."}]
 FAILED_BACKOFF_S = 0.1
@@ -57,19 +57,6 @@ FAILED_BACKOFF_S = 0.1
 
 
 
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass
 
 
 class ChatLoad:
@@ -187,8 +174,12 @@ def main() -> None:
     vllm_url, gw_url = f"http://127.0.0.1:{vllm_port}", f"http://127.0.0.1:{gw_port}"
     token = secrets.token_urlsafe(16)
     settings = Settings(_env_file=None, data_dir=work / "var", base_model=model_dir,
-                        vllm_urls=[vllm_url], vllm_kvcache_gib=1 if tiny else 2,
-                        vllm_max_model_len=512 if tiny else 2048)
+                        admin_token=token, redis_url=f"redis://127.0.0.1:{redis_port}/0",
+                        vllm_urls=[vllm_url], gateway_port=gw_port, rate_chat_per_session=0,
+                        rate_chat_per_ip=0, archive_chats=False,
+                        vllm_kvcache_gib=1 if tiny else 2,
+                        vllm_max_model_len=512 if tiny else 2048,
+                        merged_ports=[free_port(), free_port()])
     imports = settings.data_dir / "imports"  # an import root: the admin API registers from it
     adapters = [build_lora_adapter(model_dir, imports / f"lora{i}", seed=i) for i in (1, 2, 3)]
     vllm_log = work / "vllm.log"
@@ -201,27 +192,12 @@ def main() -> None:
         procs.append(vllm)
         wait_http(f"{vllm_url}/health", settings.vllm_start_timeout_s, vllm)
         figures["vllm_cold_start_s"] = time.monotonic() - t0
-        gw_env = dict(os.environ, ARENA_DATA_DIR=str(settings.data_dir),
-                      ARENA_BASE_MODEL=str(model_dir), ARENA_ADMIN_TOKEN=token,
-                      ARENA_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
-                      ARENA_VLLM_URLS=json.dumps([vllm_url]), ARENA_RATE_CHAT_PER_SESSION="0",
-                      ARENA_RATE_CHAT_PER_IP="0", ARENA_ARCHIVE_CHATS="false",
-                      ARENA_VLLM_KVCACHE_GIB=str(settings.vllm_kvcache_gib),
-                      ARENA_VLLM_MAX_MODEL_LEN=str(settings.vllm_max_model_len),
-                      ARENA_MERGED_PORTS=json.dumps([free_port(), free_port()]))
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "serve.app:create_app", "--factory", "--port",
-             str(gw_port), "--log-level", "warning", "--no-access-log"], env=gw_env, cwd=ROOT,
-            stdout=(work / "gateway.log").open("a"), stderr=subprocess.STDOUT,
-            start_new_session=True))
+        procs.append(start_gateway(settings, work / "gateway.log"))
         wait_http(f"{gw_url}/livez", 60, procs[-1])
         store = redis.Redis(port=redis_port)
         manager = None
         if args.merged:
-            manager = subprocess.Popen(
-                [sys.executable, "-m", "arena.cli", "merged-replica"], env=gw_env, cwd=ROOT,
-                stdout=(work / "merged.log").open("a"), stderr=subprocess.STDOUT,
-                start_new_session=True)
+            manager = start_arena(settings, work / "merged.log", "merged-replica")
             procs.append(manager)
 
         admin = AdminClient(gw_url, token, actor="benchmark")
@@ -265,7 +241,7 @@ def main() -> None:
             if not args.skip_restart:
                 # the alternative: restart the server with the new weights, same load
                 stopped_at = time.monotonic()
-                stop(vllm)
+                stop_group(vllm)
                 vllm = start_vllm(settings, model_dir, vllm_port, vllm_log,
                                   ["--lora-modules", f"policy-new={adapters[2]}"])
                 procs.append(vllm)
@@ -281,7 +257,7 @@ def main() -> None:
                                       "failed": load.failed_between(stopped_at, recovered_at)}
     finally:
         for proc in reversed(procs):
-            stop(proc)
+            stop_group(proc)
     report(figures)
     print(f"logs: {vllm_log}, {work / 'gateway.log'}")
     if args.json:

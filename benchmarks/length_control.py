@@ -32,7 +32,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from arena.tiny_model import build_tiny_model
 from feedback.vote_record import VoteRecord
 from learner.policy_trainer import load_policy, save_adapter, train_policy
 from learner.presets import get_preset
@@ -40,7 +39,8 @@ from learner.prompt_pool import PromptPool, load_shipped_prompts
 from learner.reward_model import RewardTrainResult, train_reward_model
 from learner.rollout import TransformersRollout
 from learner.sequences import encode_answer, encode_prompt, pack
-from learner.synthetic import random_answer, sft_tiny_base
+from testkit.hidden_rule_votes import random_answer, sft_tiny_base
+from testkit.tiny_model import build_tiny_model
 
 MIN_WORDS, MAX_WORDS = 2, 14  # answer lengths vary, so length can pay
 MARKER_SHARE = 0.3  # answers with banana among the voted ones

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import secrets
 import signal
 import statistics
@@ -35,15 +34,16 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from arena.net import free_port, wait_http  # noqa: E402
 from arena.redis_server import start_redis  # noqa: E402
-from arena.settings import Settings  # noqa: E402
-from arena.tiny_model import build_lora_adapter, build_tiny_model  # noqa: E402
-from arena.vllm_server import vllm_command  # noqa: E402
 from benchmarks.serve_overhead import load_run  # noqa: E402
+from core.settings import Settings  # noqa: E402
+from core.vllm_server import vllm_command  # noqa: E402
 from deploy.admin_client import AdminClient  # noqa: E402
 from learner.presets import DEFAULT_LORA_TARGETS  # noqa: E402
 from serve.merged_serving import MERGED_KEY, MergedServing  # noqa: E402
+from testkit.net import free_port, wait_http  # noqa: E402
+from testkit.processes import start_arena, start_gateway, stop_group  # noqa: E402
+from testkit.tiny_model import build_lora_adapter, build_tiny_model  # noqa: E402
 
 LEARNER_RANK = 16  # the cpu/gpu presets' policy adapters
 
@@ -100,16 +100,12 @@ def main() -> None:
     vllm_url, gw_url = f"http://127.0.0.1:{vllm_port}", f"http://127.0.0.1:{gw_port}"
     token = secrets.token_urlsafe(16)
     settings = Settings(_env_file=None, data_dir=work / "var", base_model=model_dir,
+                        admin_token=token, redis_url=f"redis://127.0.0.1:{redis_port}/0",
+                        vllm_urls=[vllm_url], gateway_port=gw_port, rate_chat_per_session=0,
+                        rate_chat_per_ip=0, archive_chats=False,
                         vllm_kvcache_gib=1 if tiny else 2,
-                        vllm_max_model_len=512 if tiny else 2048)
-    env = dict(os.environ, ARENA_DATA_DIR=str(settings.data_dir),
-               ARENA_BASE_MODEL=str(model_dir), ARENA_ADMIN_TOKEN=token,
-               ARENA_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
-               ARENA_VLLM_URLS=json.dumps([vllm_url]), ARENA_RATE_CHAT_PER_SESSION="0",
-               ARENA_RATE_CHAT_PER_IP="0", ARENA_ARCHIVE_CHATS="false",
-               ARENA_VLLM_KVCACHE_GIB=str(settings.vllm_kvcache_gib),
-               ARENA_VLLM_MAX_MODEL_LEN=str(settings.vllm_max_model_len),
-               ARENA_MERGED_PORTS=json.dumps([free_port(), free_port()]))
+                        vllm_max_model_len=512 if tiny else 2048,
+                        merged_ports=[free_port(), free_port()])
     procs: list[subprocess.Popen] = [start_redis(redis_port, work / "redis", "everysec")]
     figures: dict = {"model": str(model_dir), "concurrency": args.concurrency,
                      "max_tokens": args.max_tokens}
@@ -118,11 +114,7 @@ def main() -> None:
         print(f"starting vLLM (LoRA replica) on {model_dir.name} …", flush=True)
         procs.append(subprocess.Popen(argv, env=vllm_env, stdout=(work / "vllm.log").open("a"),
                                       stderr=subprocess.STDOUT, start_new_session=True))
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "serve.app:create_app", "--factory", "--port",
-             str(gw_port), "--log-level", "warning", "--no-access-log"], env=env, cwd=ROOT,
-            stdout=(work / "gateway.log").open("a"), stderr=subprocess.STDOUT,
-            start_new_session=True))
+        procs.append(start_gateway(settings, work / "gateway.log"))
         wait_http(f"{vllm_url}/health", settings.vllm_start_timeout_s)
         wait_http(f"{gw_url}/livez", 60)
 
@@ -142,10 +134,7 @@ def main() -> None:
 
         print("\n2) starting the merged-replica manager …", flush=True)
         started = time.monotonic()
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "arena.cli", "merged-replica"], env=env, cwd=ROOT,
-            stdout=(work / "merged.log").open("a"), stderr=subprocess.STDOUT,
-            start_new_session=True))
+        procs.append(start_arena(settings, work / "merged.log", "merged-replica"))
         store = redis.Redis(port=redis_port)
         while (merged := MergedServing.from_json(store.get(MERGED_KEY))) is None:
             if procs[-1].poll() is not None or time.monotonic() - started > 900:
@@ -186,11 +175,7 @@ def main() -> None:
               f"+ battles {battles['tok_s']:.1f} tokens/s")
     finally:
         for proc in reversed(procs):
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=30)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                pass
+            stop_group(proc)
     print(f"logs: {work}")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))

@@ -1,11 +1,11 @@
 """Does PPO keep improving the policy iteration after iteration? (issue 11's policy link)
 
-Offline, on the tiny model: the SFT'd tiny base (learner.synthetic, writes " banana" in about a
-fifth of its answers), a reward model trained on votes of the hidden rule "the answer with
-banana wins", then PPO iterations each starting from the previous adapter, as the loop does
-(KL always against the frozen base). Printed per version: the share of sampled answers that
-say banana (what the crowd prefers) and the RM's mean score on banana / other answers (is the
-RM still separating them?), beside the base's in the same run.
+Offline, on the tiny model: the SFT'd tiny base (testkit.hidden_rule_votes, writes " banana" in
+about a fifth of its answers), a reward model trained on votes of the hidden rule "the answer
+with banana wins", then PPO iterations each starting from the previous adapter, as the loop
+does (KL always against the frozen base). Printed per version: the share of sampled answers
+that say banana (what the crowd prefers) and the RM's mean score on banana / other answers (is
+the RM still separating them?), beside the base's in the same run.
 
     .venv/bin/python benchmarks/ppo_iterations.py --seeds 3 --iterations 2
     .venv/bin/python benchmarks/ppo_iterations.py --kl-coef 0.05 --steps 20
@@ -34,8 +34,7 @@ from pathlib import Path
 
 import torch
 
-from arena.settings import Settings
-from arena.tiny_model import build_tiny_model
+from core.settings import Settings
 from crowd.judges import get_judge
 from feedback.vote_record import VoteRecord
 from learner.policy_trainer import load_policy, save_adapter, train_policy
@@ -44,7 +43,8 @@ from learner.prompt_pool import PromptPool, load_shipped_prompts
 from learner.reward_model import train_reward_model
 from learner.rollout import TransformersRollout
 from learner.sequences import encode_prompt, pack
-from learner.synthetic import hidden_rule_votes, sft_tiny_base
+from testkit.hidden_rule_votes import hidden_rule_votes, sft_tiny_base
+from testkit.tiny_model import build_tiny_model
 
 N_VOTES = 300
 EVAL_PROMPTS = 64  # the last prompts of the shipped set, two sampled answers each

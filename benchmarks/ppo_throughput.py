@@ -88,11 +88,11 @@ def bench_prompts(n: int) -> list[str]:
 
 def resolve_model(name: str, work: Path) -> Path:
     if name == "tiny":
-        from arena.tiny_model import build_tiny_model
+        from testkit.tiny_model import build_tiny_model
 
         return build_tiny_model(work / "tiny")
     if name == "base":
-        from arena.settings import Settings
+        from core.settings import Settings
 
         path = Settings().base_model_path
         if not (path / "config.json").is_file():
@@ -265,8 +265,8 @@ def trl_worker(spec_path: Path) -> None:
 def start_vllm(model_dir: Path, work: Path):
     import httpx
 
-    from arena.settings import Settings
-    from arena.vllm_server import vllm_command
+    from core.settings import Settings
+    from core.vllm_server import vllm_command
 
     port = 8190
     argv, env = vllm_command(Settings(_env_file=None, vllm_kvcache_gib=2), model_dir, port)
@@ -335,7 +335,7 @@ def main() -> None:
                 print("trl-bf16", results["trl-bf16"], flush=True)
         if args.latency and vllm_url:
             # Training as the learner worker runs it: `learner_threads` threads, `learner_nice`.
-            from arena.settings import Settings
+            from core.settings import Settings
 
             settings = Settings()
             idle = chat_latencies(vllm_url, args.latency_requests, args.latency_interval)

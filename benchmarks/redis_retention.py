@@ -3,7 +3,7 @@
 Pushes `--votes` votes through the real path, in chunks, on a private redis-server (AOF):
 finished battles stored as serve/battles.py stores them (TTL `--battle-ttl-s`), each voted by
 the gateway's vote script (feedback/vote_stream.py `VoteAcceptor`: battle, once-only guard
-with the battle's TTL, XADD), with the feedback consumers (`python -m feedback.consumers`:
+with the battle's TTL, XADD), with the feedback consumers (`arena consumers`:
 archiver, ranker, learner trigger) following; one malformed entry per `--malformed-every`
 votes goes to the dead letters (each of the three groups dead-letters its own copy). After
 half the votes and after all of them, once the consumers have drained, the battles have
@@ -29,7 +29,6 @@ import asyncio
 import dataclasses
 import os
 import re
-import signal
 import subprocess
 import sys
 import tarfile
@@ -49,15 +48,16 @@ sys.path.insert(0, str(REPO))
 
 from vote_ingest import seed_battles, session_of  # noqa: E402  (benchmarks/ is sys.path[0])
 
-from arena.net import free_port  # noqa: E402
 from arena.redis_server import start_redis  # noqa: E402
 from feedback.archive import Archive  # noqa: E402
 from feedback.consumers import HOUSEKEEPING_EVERY_S  # noqa: E402
-from feedback.synthetic import synthetic_votes  # noqa: E402
 from feedback.vote_record import VoteRecord  # noqa: E402
 from feedback.vote_stream import RECORD_FIELD, VOTES_STREAM, VoteAcceptor, VoteKeys  # noqa: E402
 from serve.battles import BATTLE_KEY, VOTED_KEY  # noqa: E402
 from serve.rate_limit import KEY_TTL_S  # noqa: E402
+from testkit.net import free_port  # noqa: E402
+from testkit.processes import stop_group  # noqa: E402
+from testkit.synthetic_votes import synthetic_votes  # noqa: E402
 
 console = Console(width=160)
 BASELINE_REF = "ed44443"  # the last commit before retention (issue 12)
@@ -162,8 +162,11 @@ def push(client: redis.Redis, url: str, votes: Sequence[VoteRecord], first: int,
 
 # --- the consumers ----------------------------------------------------------------------------
 def start_consumers(env: dict[str, str], source: Path, log: Path) -> subprocess.Popen:
-    """`python -m feedback.consumers` (all groups) from `source` (this tree or the baseline's)."""
-    return subprocess.Popen([sys.executable, "-m", "feedback.consumers"],
+    """`arena consumers` (all groups) from `source` (this tree or the baseline's, whose
+    trees before the runner moved to arena/consumers.py start it as `-m feedback.consumers`)."""
+    command = (["-m", "arena.cli", "consumers"] if (source / "arena/consumers.py").exists()
+               else ["-m", "feedback.consumers"])
+    return subprocess.Popen([sys.executable, *command],
                             env={**env, "PYTHONPATH": str(source)}, cwd=log.parent,
                             stdout=log.open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -184,16 +187,6 @@ def wait_drained(client: redis.Redis, archive: Archive, archived: int, proc: sub
         if time.monotonic() > deadline:
             raise RuntimeError(f"not drained in {timeout_s}s: {archive.count()} of {archived}")
         time.sleep(0.5)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def extract_baseline(ref: str, into: Path) -> Path:
@@ -242,7 +235,7 @@ def run(label: str, source: Path, all_votes: Sequence[VoteRecord], args: argpars
             time.sleep(settle_s)
             snapshots.append(snapshot(client, end, empty_memory))
     finally:
-        stop(consumers)
+        stop_group(consumers)
         archive.close()
         client.close()
         redis_proc.terminate()

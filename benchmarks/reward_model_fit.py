@@ -40,11 +40,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from arena.settings import Settings  # noqa: E402
+from core.settings import Settings  # noqa: E402
 from crowd.judges import get_judge, shorter  # noqa: E402
 from learner import reward_model as rm  # noqa: E402
 from learner.presets import get_preset  # noqa: E402
-from learner.votes import vote_source  # noqa: E402
+from learner.vote_source import vote_source  # noqa: E402
 
 PROBE = get_preset("cpu").reward
 LORA = replace(PROBE, lr=2e-4, epochs=1, lora_layers=10, readout_layer=None, pooling="sum",

@@ -30,11 +30,12 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from arena.net import free_port, wait_http  # noqa: E402
 from arena.redis_server import start_redis  # noqa: E402
-from arena.settings import Settings  # noqa: E402
-from arena.tiny_model import build_lora_adapter, build_tiny_model  # noqa: E402
-from arena.vllm_server import vllm_command  # noqa: E402
+from core.settings import Settings  # noqa: E402
+from core.vllm_server import vllm_command  # noqa: E402
+from testkit.net import free_port, wait_http  # noqa: E402
+from testkit.processes import start_gateway, stop_group  # noqa: E402
+from testkit.tiny_model import build_lora_adapter, build_tiny_model  # noqa: E402
 
 PROMPTS = [
     "Explain why the sky is blue.", "Write a haiku about autumn.", "What is 17 times 23?",
@@ -160,26 +161,21 @@ def main() -> None:
     model_dir = build_tiny_model(work / "tiny") if args.model == "tiny" else Path(args.model)
     if not (model_dir / "config.json").exists():
         sys.exit(f"no model at {model_dir}: run `arena model prepare` or pass --model tiny")
-    settings = Settings(_env_file=None, data_dir=work / "var",
-                        vllm_max_loras=args.max_loras, vllm_max_lora_rank=args.max_lora_rank,
-                        rate_chat_per_session=0, rate_chat_per_ip=0, archive_chats=False)
+    vllm_port, redis_port, gw_port = free_port(), free_port(), free_port()
+    vllm_url = f"http://127.0.0.1:{vllm_port}"
+    settings = Settings(_env_file=None, data_dir=work / "var", base_model=model_dir,
+                        redis_url=f"redis://127.0.0.1:{redis_port}/0", vllm_urls=[vllm_url],
+                        gateway_port=gw_port, vllm_max_loras=args.max_loras,
+                        vllm_max_lora_rank=args.max_lora_rank, rate_chat_per_session=0,
+                        rate_chat_per_ip=0, archive_chats=False)
     procs: list[subprocess.Popen] = []
     try:
-        vllm_port, redis_port, gw_port = free_port(), free_port(), free_port()
         argv, env = vllm_command(settings, model_dir, vllm_port)
         print(f"starting vLLM on {model_dir.name} …", flush=True)
         procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.DEVNULL, start_new_session=True))
         procs.append(start_redis(redis_port, work / "redis", "everysec"))
-        vllm_url = f"http://127.0.0.1:{vllm_port}"
-        gw_env = dict(os.environ, ARENA_DATA_DIR=str(work / "var"),
-                      ARENA_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
-                      ARENA_VLLM_URLS=f'["{vllm_url}"]', ARENA_RATE_CHAT_PER_SESSION="0",
-                      ARENA_RATE_CHAT_PER_IP="0", ARENA_ARCHIVE_CHATS="false")
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "serve.app:create_app", "--factory", "--port",
-             str(gw_port), "--log-level", "warning", "--no-access-log"], env=gw_env, cwd=ROOT,
-            start_new_session=True))
+        procs.append(start_gateway(settings, work / "gateway.log"))
         wait_http(f"{vllm_url}/health", 600)
         gw_url = f"http://127.0.0.1:{gw_port}"
         wait_http(f"{gw_url}/livez", 60)
@@ -261,11 +257,7 @@ def main() -> None:
                   f"ratio {v['tok_s'] / hf:.2f}x")
     finally:
         for proc in procs:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=30)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                pass
+            stop_group(proc)
 
 
 if __name__ == "__main__":

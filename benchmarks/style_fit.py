@@ -20,7 +20,8 @@ import time
 
 import numpy as np
 
-from elo.bradley_terry import BASE, SCALE, bootstrap, count_pairs_coded
+from elo.bradley_terry import bootstrap, count_pairs_coded
+from elo.rating_scale import BASE, SCALE
 from elo.style_control import STYLE_FEATURES, bootstrap_style, normalised_difference, style_cells
 
 N_MODELS = 8

@@ -6,7 +6,7 @@ measures, in one run:
   1. xadd      the baseline: raw `XADD` (`publish_vote`, redis.asyncio) from `--concurrency`
                concurrent writers, as many request handlers would; latency per XADD.
   2. drain     the archiver alone: a backlog of votes in the stream, one archiver process
-               (`python -m feedback.consumers archiver`) empties it into the archive.
+               (`arena consumers archiver`) empties it into the archive.
   3. live      both at once: writers at full speed, the archiver following; latency is
                voted_at -> archived_at (stamped when its batch's transaction starts).
   4. http      POST /v1/battles/{id}/vote on the gateway (uvicorn, 1 and 2 workers) with
@@ -28,7 +28,6 @@ import dataclasses
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -49,16 +48,17 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from arena.net import free_port  # noqa: E402
 from arena.redis_server import start_redis  # noqa: E402
-from arena.settings import Settings  # noqa: E402
+from core.settings import Settings  # noqa: E402
 from feedback.archive import Archive  # noqa: E402
 from feedback.consumers import ARCHIVER  # noqa: E402
-from feedback.synthetic import synthetic_votes  # noqa: E402
 from feedback.vote_record import VoteRecord  # noqa: E402
 from feedback.vote_stream import DEAD_LETTER_STREAM, VOTES_STREAM, publish_vote  # noqa: E402
 from serve.battles import BATTLE_KEY, battle_fields  # noqa: E402
 from serve.sessions import COOKIE_NAME  # noqa: E402
+from testkit.net import free_port  # noqa: E402
+from testkit.processes import stop_group  # noqa: E402
+from testkit.synthetic_votes import synthetic_votes  # noqa: E402
 
 console = Console(width=150)
 CONTENT_LENGTH = re.compile(rb"(?i)content-length:\s*(\d+)")
@@ -157,7 +157,7 @@ def start_archiver(settings: Settings, log: Path) -> subprocess.Popen:
         "ARENA_STREAM_BLOCK_MS": str(settings.stream_block_ms),
         "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1",
     })
-    return subprocess.Popen([sys.executable, "-m", "feedback.consumers", ARCHIVER], env=env,
+    return subprocess.Popen([sys.executable, "-m", "arena.cli", "consumers", ARCHIVER], env=env,
                             cwd=settings.data_dir, stdout=log.open("w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -170,12 +170,6 @@ def wait_archived(archive: Archive, n: int, proc: subprocess.Popen, timeout_s: f
         if time.monotonic() > deadline:
             raise RuntimeError(f"only {archive.count()} of {n} archived in {timeout_s}s")
         time.sleep(0.02)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
 
 
 def check_ends(client: redis.Redis, archive: Archive, votes: Sequence[VoteRecord]) -> int:
@@ -205,7 +199,7 @@ def bench_drain(settings: Settings, votes: Sequence[VoteRecord], concurrency: in
         wait_archived(archive, before + len(votes), proc, 600)
         seconds = time.perf_counter() - started
     finally:
-        stop(proc)
+        stop_group(proc)
     arrived = check_ends(client, archive, votes)
     archive.close()
     return Result("drain", len(votes) - (first - before), seconds, np.empty(0), len(votes),
@@ -226,7 +220,7 @@ def bench_live(settings: Settings, votes: Sequence[VoteRecord], concurrency: int
         wait_archived(archive, before + len(votes), proc, 600)
         seconds = time.perf_counter() - started
     finally:
-        stop(proc)
+        stop_group(proc)
     arrived = check_ends(client, archive, votes)
     wanted = {vote.vote_id for vote in votes}
     latencies = np.array([s.archived_at - s.record.voted_at for s in archive.iter_votes()
@@ -345,8 +339,8 @@ def bench_http_votes(settings: Settings, votes: Sequence[VoteRecord], concurrenc
         wait_archived(archive, before + len(votes), archiver, 600)
         seconds = time.perf_counter() - started
     finally:
-        stop(archiver)
-        stop(gateway)
+        stop_group(archiver)
+        stop_group(gateway)
     arrived = check_ends(client, archive, votes)
     archive.close()
     return Result(f"http x{workers}", len(votes) - 50, seconds, latencies,

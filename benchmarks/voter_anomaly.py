@@ -1,7 +1,7 @@
 """Benchmark: does the voter anomaly defence find the stuffers, and does it help?
 
 A simulated crowd over 8 versions that differ in how often they write what the crowd likes
-(the " banana" marker of learner/synthetic.py, 10 % ... 90 % of answers). 90 % of the voters
+(the " banana" marker of testkit/hidden_rule_votes.py, 10 % ... 90 % of answers). 90 % of the voters
 are honest (the marker wins, 10 % of verdicts flipped); 10 % vote at random or always "a".
 All votes go, in time order and in batches as the consumer sees them, through the real scorer
 (feedback/voter_scores.py) on a private Redis. Printed, defence on and off side by side:
@@ -28,14 +28,14 @@ from scipy.stats import kendalltau
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from arena.net import free_port  # noqa: E402
 from arena.redis_server import start_redis  # noqa: E402
 from elo.bradley_terry import bootstrap  # noqa: E402
 from feedback.vote_record import VoteRecord  # noqa: E402
 from feedback.voter_anomaly import is_flagged  # noqa: E402
 from feedback.voter_scores import score_votes  # noqa: E402
 from learner.prompt_pool import load_shipped_prompts  # noqa: E402
-from learner.synthetic import MARKER, hidden_rule_votes, random_answer  # noqa: E402
+from testkit.hidden_rule_votes import MARKER, hidden_rule_votes, random_answer  # noqa: E402
+from testkit.net import free_port  # noqa: E402
 
 MARKER_RATES = np.linspace(0.1, 0.9, 8)
 VERSIONS = ["base"] + [f"policy-v{i}" for i in range(1, len(MARKER_RATES))]
@@ -88,9 +88,9 @@ def leaderboard(records: list[VoteRecord]) -> list[float]:
 
 
 def reward_accuracy(records: list[VoteRecord], prompts: list[str], root: Path) -> float:
-    from arena.tiny_model import build_tiny_model
     from learner.presets import get_preset
     from learner.reward_model import evaluate_pairs, train_reward_model, votes_to_pairs
+    from testkit.tiny_model import build_tiny_model
 
     base = root / "tiny"
     if not base.exists():

@@ -33,12 +33,12 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from arena.net import free_port  # noqa: E402
-from arena.settings import Settings  # noqa: E402
+from core.settings import Settings  # noqa: E402
 from crowd.judges import get_judge  # noqa: E402
 from crowd.prompts import load_prompts  # noqa: E402
 from crowd.simulate import CrowdPlan, CrowdSummary, run_crowd  # noqa: E402
 from feedback.archive import Archive  # noqa: E402
+from testkit.net import free_port  # noqa: E402
 
 HONEST_JUDGE = "key_noun_noisy"
 STUFFER_KINDS = ("random_votes", "always_a")

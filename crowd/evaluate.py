@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 import redis
 
-from arena.settings import Settings
+from core.settings import Settings
 from crowd.judges import Judge, Verdict, checked_verdict
 
 CONCURRENCY = 8  # requests in flight to vLLM

@@ -184,7 +184,7 @@ class CrowdPlan:
     pause_while_learning: bool = False  # no new battle/chat while a learner iteration runs
     stuffers: int = 0  # the last this many voters vote with the stuffer judge, not the judge
     # Bearer token for GET /admin/learner; None: the operator token `arena` uses
-    # (arena.secrets.admin_token: ARENA_ADMIN_TOKEN, else the one in the data dir).
+    # (core.secrets.admin_token: ARENA_ADMIN_TOKEN, else the one in the data dir).
     admin_token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -488,8 +488,8 @@ async def run_crowd(plan: CrowdPlan, judge: Judge, prompts: list[str],
 
 def default_admin_token() -> str:
     """The operator token the `arena` CLI uses (ARENA_ADMIN_TOKEN, else the data dir's)."""
-    from arena.secrets import admin_token
-    from arena.settings import Settings
+    from core.secrets import admin_token
+    from core.settings import Settings
 
     return admin_token(Settings())
 

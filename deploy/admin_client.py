@@ -1,6 +1,6 @@
-"""A small client of the operator API (deploy/admin_routes.py), used by the `arena` CLI so
+"""A small client of the operator API (serve/admin_routes.py), used by the `arena` CLI so
 that it works against a remote gateway: URL from `settings.admin_url` (default the gateway's
-host and port), token from `arena.secrets.admin_token(settings)`."""
+host and port), token from `core.secrets.admin_token(settings)`."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Any
 
 import httpx
 
-from arena.secrets import admin_token
-from arena.settings import Settings
+from core.secrets import admin_token
+from core.settings import Settings
 
 ACTOR_HEADER = "X-Arena-Actor"
 

@@ -1,5 +1,5 @@
 """The loop's decision: what becomes of a candidate the learner made, once the arena has
-rated it. Made after every Bradley-Terry refit (feedback/consumers.py's periodic loop calls
+rated it. Made after every Bradley-Terry refit (arena/consumers.py's periodic loop calls
 `apply_decisions`), from the stored fit and the registry; it never talks to vLLM: the
 gateway's replica sync keeps every live version loaded, and a candidate with enough votes to
 be decided on has been served.
@@ -36,8 +36,8 @@ from typing import Any, Literal
 
 import redis
 
-from arena.settings import Settings
-from arena.text import as_str
+from core.settings import Settings
+from core.text import as_str
 from deploy.registry import Registry, UnknownVersion, VersionRecord
 from deploy.states import TransitionError
 from elo.ratings_store import BTFit, load_fit

@@ -14,9 +14,13 @@ they agree.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -28,6 +32,7 @@ MERGE_INFO = "merged.json"  # written last: a folder without it is unfinished
 MAX_LOGIT_DIFF = 1e-3  # float32 merged vs base + adapter: largest |Δ logit| / largest |logit|
 CHECK_SEQUENCES = 4  # random token sequences the check runs
 CHECK_LENGTH = 24  # tokens each
+REFUSED_EXIT = 3  # `python -m deploy.merge`'s exit code for a MergeError
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 TORCH_DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "half": "float16",
                 "float32": "float32", "float": "float32"}
@@ -120,3 +125,41 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, version: str
     log.info("merged %s into full weights (%s) in %.1f s; float32 check: max |Δ logit| %.1e, "
              "largest logit %.1f", version, target, info.seconds, max_diff, max_logit)
     return info
+
+
+def merge_in_child(base_dir: Path, adapter_dir: Path, out_dir: Path, version: str,
+                   dtype: str, nice: int) -> MergeInfo:
+    """`merge_adapter` in a child process at niceness `nice`: the merge takes the cores
+    serving leaves idle instead of slowing the answers (its log lines go to our output)."""
+    code = subprocess.run([sys.executable, "-m", "deploy.merge", "--nice", str(nice),
+                           "--dtype", dtype, str(base_dir), str(adapter_dir), str(out_dir),
+                           version]).returncode
+    if code == REFUSED_EXIT:
+        raise MergeError(f"{version}: the merge was refused (the reason is logged above)")
+    if code != 0 or (info := read_info(out_dir)) is None:
+        raise RuntimeError(f"the merge of {version} exited with code {code}")
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Merge a version's LoRA adapter into the base.")
+    parser.add_argument("base_dir", type=Path)
+    parser.add_argument("adapter_dir", type=Path)
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("version")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--nice", type=int, default=0, help="niceness to run at")
+    args = parser.parse_args(argv)
+    os.nice(args.nice)
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        merge_adapter(args.base_dir, args.adapter_dir, args.out_dir, args.version, args.dtype)
+    except MergeError as error:
+        log.error("%s", error)
+        return REFUSED_EXIT
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

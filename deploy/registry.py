@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import redis
 
-from arena.text import as_str
+from core.text import as_str
 from deploy.states import State, TransitionError, check_promote, check_retire
 
 VERSIONS_KEY = "arena:versions"
@@ -66,7 +66,21 @@ class VersionRecord:
         return cls(**json.loads(raw))
 
 
+def records_in_order(raw_records: list[bytes]) -> list[VersionRecord]:
+    """The records of the versions hash (HVALS), oldest first."""
+    records = [VersionRecord.from_json(raw) for raw in raw_records]
+    return sorted(records, key=lambda r: (r.created_at, r.id))
+
+
+def answers_chats(record: VersionRecord, include_retired: bool = False) -> bool:
+    """The base and the policy adapters answer chats and battles, unless retired."""
+    return record.kind in ("base", "policy") and (include_retired or record.state != "retired")
+
+
 class Registry:
+    """The version store on a synchronous Redis client (writes, and reads outside the gateway;
+    the gateway reads through serve/versions.py on its async client, with the same helpers)."""
+
     def __init__(self, client: redis.Redis, audit_path: Path | None = None) -> None:
         self.redis = client
         self.audit_path = audit_path
@@ -79,15 +93,11 @@ class Registry:
         return VersionRecord.from_json(raw)
 
     def all(self) -> list[VersionRecord]:
-        records = [VersionRecord.from_json(v) for v in self.redis.hvals(VERSIONS_KEY)]
-        return sorted(records, key=lambda r: (r.created_at, r.id))
+        return records_in_order(self.redis.hvals(VERSIONS_KEY))
 
     def policies(self, include_retired: bool = False) -> list[VersionRecord]:
         """Versions that can answer a chat: the base and the policy adapters."""
-        return [
-            r for r in self.all()
-            if r.kind in ("base", "policy") and (include_retired or r.state != "retired")
-        ]
+        return [r for r in self.all() if answers_chats(r, include_retired)]
 
     def current(self) -> str:
         return as_str(self.redis.get(CURRENT_KEY)) or BASE

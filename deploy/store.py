@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from arena.settings import Settings
+from core.settings import Settings
 from deploy.adapter_check import AdapterRefused, check_adapter, read_base_shape
 from deploy.manifest import (
     Manifest,

@@ -1,8 +1,8 @@
 """Ratings from side-by-side votes: outcomes, online Elo, Bradley-Terry with bootstrap CIs,
 and the matchmaker that picks which two model versions answer next.
 
-Pure functions on plain values (numpy arrays, dicts, dataclasses); imports nothing else from
-the project.
+Pure functions on plain values (numpy arrays, dicts, dataclasses), and a thin Redis store of
+the ratings (`ratings_store.py`); imports nothing of the project but `core`.
 """
 
 from elo.bradley_terry import (

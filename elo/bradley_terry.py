@@ -41,11 +41,9 @@ from scipy.optimize import minimize
 from scipy.special import expit, log_expit
 
 from elo.outcomes import Outcome, scores_for_a
+from elo.rating_scale import BASE, INITIAL_RATING, SCALE
 
-SCALE = 400.0  # rating points per factor `base` in odds: +400 points = 10:1 odds of winning
-BASE = 10.0
-INIT_RATING = 1000.0
-DEFAULT_ANCHOR = "base"  # the untuned model: its rating is pinned at INIT_RATING
+DEFAULT_ANCHOR = "base"  # the untuned model: its rating is pinned at INITIAL_RATING
 # Ridge on theta, in units of "pseudo-votes": far too small to move a well-determined rating,
 # but it makes the fit unique (ratings are otherwise defined only up to a common shift) even
 # when the comparison graph is disconnected (each component's level is pinned at 0) or a model
@@ -242,7 +240,7 @@ def fit(
     anchor: str | None = DEFAULT_ANCHOR,
     scale: float = SCALE,
     base: float = BASE,
-    init_rating: float = INIT_RATING,
+    init_rating: float = INITIAL_RATING,
     l2: float = DEFAULT_L2,
 ) -> dict[str, float]:
     """Maximum-likelihood Bradley-Terry ratings from aggregated counts.
@@ -280,7 +278,7 @@ def bootstrap(
     anchor: str | None = DEFAULT_ANCHOR,
     scale: float = SCALE,
     base: float = BASE,
-    init_rating: float = INIT_RATING,
+    init_rating: float = INITIAL_RATING,
     l2: float = DEFAULT_L2,
     ci: float = DEFAULT_CI,
 ) -> BootstrapResult:

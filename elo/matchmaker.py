@@ -21,7 +21,8 @@ from typing import Literal
 import numpy as np
 from scipy.special import expit
 
-from elo.bradley_terry import BASE, SCALE, PairCounts
+from elo.bradley_terry import PairCounts
+from elo.rating_scale import BASE, SCALE
 
 CandidateState = Literal["candidate", "current", "retired"]
 

@@ -12,11 +12,9 @@ Elo is cheap, incremental and good enough to show movement as votes come in.
 from collections.abc import Iterable, Mapping
 
 from elo.outcomes import Outcome, score_for_a
+from elo.rating_scale import BASE, INITIAL_RATING, SCALE
 
-SCALE = 400.0  # rating points per factor `base` in odds: 400 points = 10:1
-BASE = 10.0
 DEFAULT_K = 4.0  # small k: many votes per day, so each vote should move ratings little
-INITIAL_RATING = 1000.0
 
 
 def expected_score(r_a: float, r_b: float, scale: float = SCALE, base: float = BASE) -> float:

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import redis
 
-from arena.text import as_str
+from core.text import as_str
 from elo.bradley_terry import BootstrapResult, PairCounts
 from elo.online_elo import DEFAULT_K, INITIAL_RATING, update
 from elo.outcomes import Outcome

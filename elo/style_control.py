@@ -32,7 +32,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import expit, log_expit
 
-from elo.bradley_terry import BASE, DEFAULT_ANCHOR, DEFAULT_CI, DEFAULT_L2, INIT_RATING, SCALE
+from elo.bradley_terry import DEFAULT_ANCHOR, DEFAULT_CI, DEFAULT_L2
+from elo.rating_scale import BASE, INITIAL_RATING, SCALE
 
 STYLE_FEATURES = ("words", "headers", "list_items", "bold")
 # Levels of each normalised difference on [-1, 1]: steps of 0.1 for length (it varies most
@@ -165,8 +166,8 @@ class StyleFit:
 def _ratings(theta: np.ndarray, models: list[str], anchor: str | None) -> np.ndarray:
     ratings = theta * SCALE / math.log(BASE)
     if anchor is not None and anchor in models:
-        return ratings - ratings[models.index(anchor)] + INIT_RATING
-    return ratings - ratings.mean() + INIT_RATING if ratings.size else ratings
+        return ratings - ratings[models.index(anchor)] + INITIAL_RATING
+    return ratings - ratings.mean() + INITIAL_RATING if ratings.size else ratings
 
 
 def bootstrap_style(cells: StyleCells, rounds: int = 100, seed: int = 0,

@@ -1,19 +1,12 @@
 """The feedback consumers, each a consumer group on a Redis stream:
 
     archiver          votes  -> the archive (insert-or-ignore on the vote id), then XACK
-    ranker            votes  -> online Elo in Redis (once per vote id); and, every
-                                refit_every_s, a Bradley-Terry refit with bootstrap CIs from
-                                the archive's pair counts (elo/ratings_store.py keeps both),
-                                then the loop's decisions on the learner's candidates
-                                (deploy/decision.py: promote, reject, roll back)
-    learner-trigger   votes  -> counts votes since the last learner run; at learn_every_votes
-                                calls `learner.trigger.start_iteration(settings)` unless an
-                                iteration runs, learning is paused or a learner candidate
-                                waits for its decision (the votes keep counting meanwhile)
+    ranker            votes  -> online Elo in Redis (once per vote id; elo/ratings_store.py)
+    voter-scorer      votes  -> each session's anomaly score, copied to the archive
     chat-archiver     chats  -> the archive's chat turns (if settings.archive_chats)
 
-`run_consumers(settings)` runs them in one process, a thread each, until SIGTERM or SIGINT
-(`arena consumers`). `python -m feedback.consumers archiver ranker` runs a subset.
+`arena consumers` runs them (arena/consumers.py), with the learner's trigger and the
+periodic Bradley-Terry refit beside them.
 
 What they keep in Redis is bounded (`housekeeping`): the vote stream is trimmed to what
 every group acknowledged (the archive has it), dead letters are capped, and the ids the
@@ -23,30 +16,22 @@ than a dead letter can be replayed (`stream_replay_window_s`), so a vote still c
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import json
 import logging
 import os
-import signal
 import socket
-import threading
 import time
 import uuid
-from collections.abc import Callable, Collection, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import redis
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from arena.settings import Settings
-from deploy.decision import apply_decisions
-from deploy.registry import Registry
+from core.settings import Settings
 from elo.ratings_store import APPLIED_KEY, OnlineVote, apply_online_votes
 from feedback.archive import Archive, ChatTurn
 from feedback.dead_letters import REPLAY_OF_FIELD
 from feedback.erasure import drop_erased
-from feedback.refit import refit_ratings
 from feedback.stream_consumer import (
     REDIS_TRANSIENT_ERRORS,
     ConsumerConfig,
@@ -60,7 +45,6 @@ from feedback.vote_record import MalformedVote, VoteRecord
 from feedback.vote_stream import (
     ARCHIVED_COUNT_KEY,
     CHATS_STREAM,
-    LEARNER_VOTES_KEY,
     RECORD_FIELD,
     VOTES_STREAM,
 )
@@ -69,16 +53,10 @@ from feedback.voter_scores import current_scores, record_scores, score_votes
 
 log = logging.getLogger("arena.feedback")
 
-ARCHIVER, RANKER, LEARNER_TRIGGER, CHAT_ARCHIVER, VOTER_SCORER = (
-    "archiver", "ranker", "learner-trigger", "chat-archiver", "voter-scorer")
-ALL_CONSUMERS = (ARCHIVER, RANKER, LEARNER_TRIGGER, CHAT_ARCHIVER, VOTER_SCORER)
-
-LEARNER_COUNTED_KEY = "arena:learner:counted"  # zset: vote ids counted, scored by when
-LEARNER_LAST_TRIGGER_KEY = "arena:learner:last_trigger"
-TRIGGER_FUNCTION = ("learner.trigger", "start_iteration")
-GATE_FUNCTION = ("learner.trigger", "why_not_start")
+ARCHIVER, RANKER, CHAT_ARCHIVER, VOTER_SCORER = (
+    "archiver", "ranker", "chat-archiver", "voter-scorer")
+FEEDBACK_CONSUMERS = (ARCHIVER, RANKER, CHAT_ARCHIVER, VOTER_SCORER)
 HOUSEKEEPING_EVERY_S = 10.0
-MAX_BACKOFF_S = 5.0
 DB_TRANSIENT_ERRORS: tuple[type[Exception], ...] = (OperationalError, InterfaceError)
 
 
@@ -177,112 +155,6 @@ class VoterScorer(VoteConsumer):
             **current_scores(self.client, [v for r in items for v in r.voters]), **scores})
 
 
-Trigger = Callable[[Settings], Any]
-
-# Count each vote id once (KEYS[1]: the ids counted, a zset scored by when, forgotten after
-# the dedup window; KEYS[2]: votes since the last run; ARGV[1]: now, ARGV[2..]: the ids).
-_COUNT_NEW = """
-local new = 0
-for i = 2, #ARGV do new = new + redis.call('ZADD', KEYS[1], 'NX', ARGV[1], ARGV[i]) end
-if new > 0 then return redis.call('INCRBY', KEYS[2], new) end
-return tonumber(redis.call('GET', KEYS[2]) or '0')
-"""
-# Take the ARGV[1] votes an iteration was started for (never below 0): votes counted since
-# stay for the next one.
-_TAKE = """
-local waiting = tonumber(redis.call('GET', KEYS[1]) or '0')
-local taken = math.min(waiting, tonumber(ARGV[1]))
-redis.call('SET', KEYS[1], waiting - taken)
-return taken
-"""
-Gate = Callable[[redis.Redis], str | None]
-
-
-def _started(result: Any) -> bool:
-    """A trigger's answer: start_iteration's {"started": bool, ...}; any other = started."""
-    return not isinstance(result, dict) or bool(result.get("started", True))
-
-
-class LearnerTrigger(VoteConsumer):
-    """Counts votes since the last learner run, each vote id once however often it is
-    delivered; at learn_every_votes, unless the gate says no (an iteration runs, learning is
-    paused, a learner candidate waits for its decision: `learner.trigger.why_not_start`), it
-    calls the trigger, and only when that started an iteration takes the votes counted
-    (back towards 0). Votes that arrive while it cannot start count toward the next one;
-    so do those of a trigger that fails or answers "not started". Without a trigger (the
-    learner's `learner.trigger.start_iteration` not installed) the votes keep counting."""
-
-    def __init__(self, client: redis.Redis, settings: Settings, config: ConsumerConfig,
-                 trigger: Trigger | None = None, name: str | None = None,
-                 gate: Gate | None = None) -> None:
-        super().__init__(client, LEARNER_TRIGGER, config, name)
-        self.settings = settings
-        self.trigger = trigger
-        self.gate = gate
-        self._count_new = client.register_script(_COUNT_NEW)
-        self._take = client.register_script(_TAKE)
-        self._warned_missing = False
-        self._blocked: str | None = None
-
-    def ensure_group(self) -> None:
-        super().ensure_group()
-        upgrade_seen_set(self.client, LEARNER_COUNTED_KEY)
-
-    def process(self, entry_ids: Sequence[str], items: Sequence[VoteRecord]) -> None:
-        waiting = int(self._count_new(keys=[LEARNER_COUNTED_KEY, LEARNER_VOTES_KEY],
-                                      args=[repr(time.time()),
-                                            *(record.vote_id for record in items)]))
-        if waiting < self.settings.learn_every_votes:
-            return
-        trigger = self.trigger or self._find_trigger()
-        if trigger is None:
-            return
-        gate = self.gate or self._find(GATE_FUNCTION)
-        if gate is not None and (blocked := gate(self.client)) is not None:
-            if blocked != self._blocked:  # log once per reason, not once per vote batch
-                log.info("learner trigger: %d votes waiting, not starting: %s", waiting, blocked)
-            self._blocked = blocked
-            return
-        self._blocked = None
-        log.info("learner trigger: %d new votes, starting a learner iteration", waiting)
-        try:
-            result = trigger(self.settings)
-        except Exception:
-            log.exception("learner trigger failed; its %d votes count again", waiting)
-            return
-        if not _started(result):
-            log.info("learner trigger: not started (%s); the %d votes count toward the next "
-                     "iteration", result.get("message"), waiting)
-            return
-        taken = int(self._take(keys=[LEARNER_VOTES_KEY], args=[waiting]))
-        self.client.set(LEARNER_LAST_TRIGGER_KEY, json.dumps({"ts": time.time(), "votes": taken}))
-
-    def _find_trigger(self) -> Trigger | None:
-        return self._find(TRIGGER_FUNCTION)
-
-    def _find(self, where: tuple[str, str]) -> Any:
-        module_name, function_name = where
-        importlib.invalidate_caches()
-        try:
-            function = getattr(importlib.import_module(module_name), function_name)
-        except (ImportError, AttributeError) as error:
-            if not self._warned_missing:
-                log.warning("learner trigger: %s.%s is not available (%s); votes keep "
-                            "counting until it is", module_name, function_name, error)
-                self._warned_missing = True
-            return None
-        return function
-
-
-def votes_since_learner_run(client: redis.Redis) -> int:
-    return int(client.get(LEARNER_VOTES_KEY) or 0)
-
-
-def reset_learner_count(client: redis.Redis) -> None:
-    """For a learner run started by other means (an operator): count from zero again."""
-    client.set(LEARNER_VOTES_KEY, 0)
-
-
 # --- chats ---------------------------------------------------------------------------------
 class ChatArchiver(StreamConsumer[ChatTurn]):
     """Chat turns as the gateway adds them (session, model, ts, messages as JSON); the
@@ -315,127 +187,16 @@ class ChatArchiver(StreamConsumer[ChatTurn]):
             drop_erased(self.client, items, lambda t: t.session, lambda t: t.created_at))
 
 
-# --- running them --------------------------------------------------------------------------
-def run_consumers(
-    settings: Settings,
-    only: Collection[str] | None = None,
-    stop: threading.Event | None = None,
-    trigger: Trigger | None = None,
-) -> None:
-    """Run the consumers (all, or those named in `only`) until SIGTERM/SIGINT or `stop`."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    names = set(only or ALL_CONSUMERS)
-    if unknown := names - set(ALL_CONSUMERS):
-        raise ValueError(f"unknown consumers {sorted(unknown)}; choose from {ALL_CONSUMERS}")
-    if not settings.archive_chats:
-        names.discard(CHAT_ARCHIVER)
-    stop = stop or threading.Event()
-    client = redis.Redis.from_url(settings.effective_redis_url, health_check_interval=30)
-    archive = Archive(settings.effective_archive_url)
-    config = consumer_config(settings)
-    consumers: list[StreamConsumer[Any]] = []
-    if ARCHIVER in names:
-        consumers.append(Archiver(client, archive, config))
-    if RANKER in names:
-        consumers.append(Ranker(client, settings.elo_k, config))
-    if LEARNER_TRIGGER in names:
-        consumers.append(LearnerTrigger(client, settings, config, trigger))
-    if CHAT_ARCHIVER in names:
-        consumers.append(ChatArchiver(client, archive, config))
-    if VOTER_SCORER in names:
-        consumers.append(VoterScorer(client, archive, config))
-
-    restore = _stop_on_signals(stop)
-    threads = [threading.Thread(target=_consume_loop, args=(c, stop), name=c.group, daemon=True)
-               for c in consumers]
-    threads.append(threading.Thread(
-        target=_periodic_loop, args=(settings, client, archive, RANKER in names, stop),
-        name="periodic", daemon=True))
-    log.info("feedback consumers running: %s", ", ".join(c.name for c in consumers))
-    for thread in threads:
-        thread.start()
-    try:
-        while not stop.wait(0.5):
-            pass
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(timeout=settings.stream_block_ms / 1000 + 30)
-        restore()
-        archive.close()
-        client.close()
-        log.info("feedback consumers stopped")
-
-
-def _stop_on_signals(stop: threading.Event) -> Callable[[], None]:
-    """SIGTERM/SIGINT set `stop` (only the main thread may install handlers)."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    for sig in previous:
-        signal.signal(sig, lambda _signum, _frame: stop.set())
-
-    def restore() -> None:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-    return restore
-
-
-def _consume_loop(consumer: StreamConsumer[Any], stop: threading.Event) -> None:
-    backoff = 0.0
-    ready = False
-    while not stop.is_set():
-        try:
-            if not ready:
-                consumer.ensure_group()
-                ready = True
-            consumer.run_once()
-            backoff = 0.0
-        except consumer.transient_errors as error:
-            backoff = min(max(backoff * 2, 0.1), MAX_BACKOFF_S)
-            log.warning("%s: %s: %s; retrying in %.1fs", consumer.group, type(error).__name__,
-                        error, backoff)
-            stop.wait(backoff)
-        except Exception:
-            log.exception("%s: unexpected error; retrying in 1s", consumer.group)
-            stop.wait(1.0)
-
-
-def _periodic_loop(settings: Settings, client: redis.Redis, archive: Archive, refit: bool,
-                   stop: threading.Event) -> None:
-    """Bradley-Terry refits and, right after each, the loop's decisions (when the ranker
-    runs here); stream housekeeping."""
-    registry = Registry(client, settings.data_dir / "audit.log")
-    next_refit = next_housekeeping = time.monotonic()
-    while not stop.wait(0.5):
-        now = time.monotonic()
-        try:
-            if refit and now >= next_refit:
-                next_refit = now + settings.refit_every_s
-                refit_ratings(client, archive, settings.bt_bootstrap_rounds,
-                              flagged_votes=settings.flagged_votes,
-                              flagged_weight=settings.flagged_vote_weight)
-                apply_decisions(client, registry, settings)
-            if now >= next_housekeeping:
-                next_housekeeping = now + HOUSEKEEPING_EVERY_S
-                housekeeping(client, archive, settings)
-        except REDIS_TRANSIENT_ERRORS + DB_TRANSIENT_ERRORS as error:
-            log.warning("periodic: %s: %s", type(error).__name__, error)
-        except Exception:
-            log.exception("periodic task failed")
-
-
-def housekeeping(client: redis.Redis, archive: Archive, settings: Settings) -> None:
+def housekeeping(client: redis.Redis, archive: Archive, settings: Settings,
+                 also_forget: Sequence[str] = ()) -> None:
     """Trim stream entries every group has acknowledged (they are in the archive), forget
-    the vote ids counted longer ago than the dedup window and the consumers of dead
-    processes, publish the archive's row count for the gateway."""
+    the vote ids counted longer ago than the dedup window (the ranker's, the voter scorer's
+    and those of the sets in `also_forget`, e.g. the learner trigger's) and the consumers of
+    dead processes, publish the archive's row count for the gateway."""
     trim_acknowledged(client, VOTES_STREAM, required_groups=(ARCHIVER,))
     trim_acknowledged(client, CHATS_STREAM, required_groups=(CHAT_ARCHIVER,))
     forget_before = time.time() - settings.stream_dedup_ttl_s
-    for key in (APPLIED_KEY, LEARNER_COUNTED_KEY, VOTERS_APPLIED_KEY):
+    for key in (APPLIED_KEY, VOTERS_APPLIED_KEY, *also_forget):
         upgrade_seen_set(client, key)
         client.zremrangebyscore(key, "-inf", f"({forget_before!r}")
     for stream in (VOTES_STREAM, CHATS_STREAM):
@@ -443,13 +204,3 @@ def housekeeping(client: redis.Redis, archive: Archive, settings: Settings) -> N
     client.set(ARCHIVED_COUNT_KEY, archive.count())
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Run feedback consumers (settings: ARENA_*).")
-    parser.add_argument("consumers", nargs="*", metavar="CONSUMER",
-                        help=f"any of {', '.join(ALL_CONSUMERS)} (default: all)")
-    args = parser.parse_args(argv)
-    run_consumers(Settings(), only=args.consumers or None)
-
-
-if __name__ == "__main__":
-    main()

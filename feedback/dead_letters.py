@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import redis
 
-from arena.text import as_str
+from core.text import as_str
 from feedback.vote_stream import CHATS_STREAM, DEAD_LETTER_STREAM, VOTES_STREAM
 
 REPLAYABLE_STREAMS = (VOTES_STREAM, CHATS_STREAM)

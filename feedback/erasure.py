@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import redis
 
-from arena.text import as_str
+from core.text import as_str
 
 ERASED_KEY = "arena:session:{session}:erased"
 ERASED_TTL_S = 30 * 86_400  # longer than a stream entry can wait to be archived

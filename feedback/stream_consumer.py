@@ -32,7 +32,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 import redis
 
-from arena.text import as_str
+from core.text import as_str
 from feedback.vote_record import MalformedVote
 from feedback.vote_stream import DEAD_LETTER_STREAM
 

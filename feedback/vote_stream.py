@@ -13,7 +13,7 @@ import redis
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
-from arena.text import as_str
+from core.text import as_str
 from feedback.vote_record import VoteRecord, Winner
 
 VOTES_STREAM = "arena:votes"
@@ -22,7 +22,6 @@ CHATS_STREAM = "arena:chats"
 RECORD_FIELD = "record"
 # Figures the consumers keep in Redis for the gateway (feedback/stats.py reads them).
 ARCHIVED_COUNT_KEY = "arena:feedback:archived"  # rows in the archive, as last published
-LEARNER_VOTES_KEY = "arena:learner:votes_since_run"  # votes counted since the last run
 
 
 async def publish_vote(client: aioredis.Redis, record: VoteRecord) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 
 import redis
 
-from arena.text import as_str
+from core.text import as_str
 from feedback.archive import Archive
 from feedback.vote_record import VoteRecord
 from feedback.voter_anomaly import (

@@ -10,8 +10,6 @@ rewritten under the same name.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 import shutil
@@ -22,26 +20,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-MANIFEST = "manifest.json"
+from deploy import manifest as manifest_file
+from deploy.manifest import Manifest, ManifestError, hash_folder
+
 TEMP_PREFIX = ".tmp-"
 WORK_DIR = ".work"  # resumable per-task state (checkpoints), one folder per Celery task id
 VERSION_RE = re.compile(r"^(policy|rm)-v(\d+)$")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def file_hashes(folder: Path) -> dict[str, str]:
-    """sha256 of every file under `folder` except the manifest, by relative path."""
-    return {
-        str(p.relative_to(folder)): sha256_file(p)
-        for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST
-    }
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -82,23 +66,30 @@ def atomic_dir(final: Path, kind: str = "version") -> Iterator[Path]:
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Write manifest.json last, with the sha256 of every other file in `folder`."""
-    manifest = {**manifest, "files": file_hashes(folder), "written_at": time.time()}
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
-    return manifest
+    """Write manifest.json last (deploy/manifest.py's format, the learner's keys kept), with
+    the sha256 of every other file in `folder`."""
+    record = Manifest.from_dict({**manifest, "files": hash_folder(folder),
+                                 "created": manifest.get("created_at", time.time()),
+                                 "written_at": time.time()})
+    manifest_file.write_manifest(folder, record)
+    return record.to_dict()
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
-    return json.loads((folder / MANIFEST).read_text())
+    """The manifest as a dict (FileNotFoundError without one, ManifestError if unreadable)."""
+    record = manifest_file.read_manifest(folder)
+    if record is None:
+        raise FileNotFoundError(f"no {manifest_file.MANIFEST_NAME} in {folder}")
+    return record.to_dict()
 
 
 def verify(folder: Path) -> bool:
-    """A complete version: a manifest whose file hashes all match."""
+    """A complete version: a manifest that lists exactly the folder's files, hashes matching."""
     try:
-        manifest = read_manifest(folder)
-    except (OSError, ValueError):
+        record = manifest_file.read_manifest(folder)
+    except (OSError, ManifestError):
         return False
-    return manifest.get("files") == file_hashes(folder)
+    return record is not None and record.files == hash_folder(folder)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -164,7 +155,7 @@ def list_versions(versions_dir: Path, kind: str) -> list[Path]:
     if versions_dir.is_dir():
         for p in versions_dir.iterdir():
             m = VERSION_RE.match(p.name)
-            if m and m.group(1) == prefix and (p / MANIFEST).is_file():
+            if m and m.group(1) == prefix and (p / manifest_file.MANIFEST_NAME).is_file():
                 found.append((int(m.group(2)), p))
     return [p for _, p in sorted(found)]
 

@@ -3,13 +3,15 @@
 Training tasks run for many minutes: with `acks_late` a task is acknowledged only when it
 finishes (a killed worker's task is delivered again), and the broker's visibility timeout
 must exceed the longest task or Redis would hand it to a second worker while it still runs.
+The gateway, the CLI and the feedback consumers use it as a client (tasks by name); the
+worker starts from learner/worker.py.
 """
 
 from __future__ import annotations
 
 from celery import Celery
 
-from arena.settings import Settings
+from core.settings import Settings
 
 VISIBILITY_TIMEOUT_S = 6 * 3600  # above the longest training task (an iteration ≤ ~20 min on CPU)
 
@@ -28,8 +30,5 @@ def make_celery(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
     )
+    app.conf.arena_settings = settings  # what the tasks read (learner/tasks.py)
     return app
-
-
-# The worker's entry point (`celery -A learner.celery_app:app worker`) builds settings once here.
-app = make_celery(Settings())

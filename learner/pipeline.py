@@ -22,7 +22,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from arena.settings import Settings
+from core.settings import Settings
 from learner import artifacts
 from learner.presets import Preset, get_preset
 
@@ -30,27 +30,22 @@ log = logging.getLogger(__name__)
 Progress = Callable[[dict[str, Any]], None]
 Guard = Callable[[], None]  # raises if this run may no longer write (learner.trigger.LockLost)
 
-_BOUND = False
-
 
 class NotEnoughVotes(ValueError):
     """Nothing to train a reward model on yet."""
 
 
 def bound_resources(settings: Settings) -> None:
-    """Training must not starve serving: few torch threads, lower CPU priority (once per
-    process: os.nice is cumulative)."""
-    global _BOUND
+    """Training must not starve serving: few torch threads, lower CPU priority (set, not
+    added: calling this again changes nothing)."""
     import torch
 
     torch.set_num_threads(max(1, settings.learner_threads))
-    if not _BOUND:
-        _BOUND = True
-        if settings.learner_nice:
-            try:
-                os.nice(settings.learner_nice)
-            except OSError as error:
-                log.warning("could not renice the learner: %s", error)
+    if settings.learner_nice > os.getpriority(os.PRIO_PROCESS, 0):
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, settings.learner_nice)
+        except OSError as error:
+            log.warning("could not renice the learner: %s", error)
 
 
 def preset_for(settings: Settings) -> Preset:
@@ -162,7 +157,7 @@ def run_reward_model(settings: Settings, task_id: str, votes_jsonl: str | Path |
                      progress: Progress | None = None, registry: Any = None,
                      guard: Guard | None = None) -> dict[str, Any]:
     from learner.reward_model import save_reward_model, train_reward_model
-    from learner.votes import data_range, vote_source
+    from learner.vote_source import data_range, vote_source
 
     versions = settings.versions_dir
     artifacts.clean_stale_temp(versions)
@@ -269,7 +264,7 @@ def run_policy(settings: Settings, task_id: str, rm_version: str | None = None,
     from learner.reward_model import load_reward_model
     from learner.sanity import policy_sanity
     from learner.sequences import encode_answer, encode_prompt
-    from learner.votes import vote_source
+    from learner.vote_source import vote_source
 
     versions = settings.versions_dir
     artifacts.clean_stale_temp(versions)

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import torch
 
-from arena.hardware import cpu_has_bf16
+from core.hardware import cpu_has_bf16
 from learner.presets import Precision
 
 

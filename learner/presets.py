@@ -95,7 +95,7 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    # The tiny random Llama (arena/tiny_model.py): seconds per phase, for tests.
+    # The tiny random Llama (testkit/tiny_model.py): seconds per phase, for tests.
     "tiny": Preset(
         name="tiny",
         reward=RewardPreset(lr=3e-3, epochs=2, batch_size=16, lora_rank=8, lora_alpha=16,

@@ -36,8 +36,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from arena.settings import Settings
-from arena.text import as_str
+from core.settings import Settings
+from core.text import as_str
 from learner.artifacts import list_versions, read_manifest
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,5 @@
 """Celery tasks of the learner: train the reward model, train the policy, or both in one
-iteration. They run on the learner worker (`celery -A learner.celery_app:app worker`), with
+iteration. They run on the learner worker (`celery -A learner.worker:app worker`), with
 `acks_late` (celery_app.py): a worker killed mid-task gets the task re-delivered with the
 same id, and the pipeline (learner/pipeline.py) is idempotent on that id: published
 versions are not written twice, a policy run resumes from its last checkpoint, and nothing
@@ -16,11 +16,11 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from functools import cache
 from typing import Any
 
-from arena.settings import Settings
-from learner.celery_app import app
+from celery import current_app, shared_task
+
+from core.settings import Settings
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 1.0  # at most one state update a second (the RM reports per batch)
@@ -32,9 +32,9 @@ class IterationCancelled(Exception):
     """An operator cancelled this iteration."""
 
 
-@cache
 def _settings() -> Settings:
-    return Settings()
+    """The worker's settings, read once at its start (learner/worker.py)."""
+    return current_app.conf.arena_settings
 
 
 def progress_line(meta: dict[str, Any]) -> str:
@@ -98,12 +98,12 @@ def _prepare(settings: Settings) -> Any:
     return registry
 
 
-@app.task(name="learner.ping")
+@shared_task(name="learner.ping")
 def ping() -> str:
     return "pong"
 
 
-@app.task(bind=True, name="learner.tasks.train_reward_model")
+@shared_task(bind=True, name="learner.tasks.train_reward_model")
 def train_reward_model(self: Any, votes_jsonl: str | None = None) -> dict[str, Any]:
     from learner.pipeline import run_reward_model
 
@@ -113,7 +113,7 @@ def train_reward_model(self: Any, votes_jsonl: str | None = None) -> dict[str, A
                             progress=_Reporter(self), registry=registry)
 
 
-@app.task(bind=True, name="learner.tasks.train_policy")
+@shared_task(bind=True, name="learner.tasks.train_policy")
 def train_policy(self: Any, rm_version: str | None = None, parent: str | None = None,
                  votes_jsonl: str | None = None) -> dict[str, Any]:
     from learner.pipeline import run_policy
@@ -124,7 +124,7 @@ def train_policy(self: Any, rm_version: str | None = None, parent: str | None = 
                       votes_jsonl, progress=_Reporter(self), registry=registry)
 
 
-@app.task(bind=True, name="learner.tasks.iterate")
+@shared_task(bind=True, name="learner.tasks.iterate")
 def iterate(self: Any, votes_jsonl: str | None = None, lock_token: str | None = None,
             reason: str = "on demand") -> dict[str, Any]:
     """One iteration of online RLHF: a reward model on all votes so far, then PPO from the

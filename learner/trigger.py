@@ -27,13 +27,17 @@ from typing import Any
 
 import redis
 
-from arena.settings import Settings
-from arena.text import as_str
+from core.settings import Settings
+from core.text import as_str
 
 LOCK_KEY = "arena:learner:lock"
 PAUSED_KEY = "arena:learner:paused"
 LAST_TASK_KEY = "arena:learner:last_task"  # id of the last iteration started
 CANCELLED_KEY = "arena:learner:cancelled"  # set of cancelled iteration task ids
+# The vote counting of learner/vote_trigger.py:
+VOTES_WAITING_KEY = "arena:learner:votes_since_run"  # votes counted since the last run
+COUNTED_KEY = "arena:learner:counted"  # zset: vote ids counted, scored by when
+LAST_TRIGGER_KEY = "arena:learner:last_trigger"  # {"ts", "votes"} of the last start
 ITERATE_TASK = "learner.tasks.iterate"
 FOLLOW_POLL_S = 0.5
 CANCEL_WAIT_S = 15.0  # how long a cancel waits for the worker to stop the task
@@ -293,7 +297,6 @@ def learner_status(settings: Settings) -> dict[str, Any]:
     state and progress, the gates, votes waiting, pending candidates and decisions."""
     from deploy.decision import auto_promote_paused, load_decisions, pending
     from deploy.registry import Registry
-    from feedback.vote_stream import LEARNER_VOTES_KEY
 
     client = redis.Redis.from_url(settings.effective_redis_url)
     try:
@@ -315,7 +318,7 @@ def learner_status(settings: Settings) -> dict[str, Any]:
             "paused": is_paused(client),
             "auto_promote": settings.auto_promote,
             "auto_promote_paused": auto_promote_paused(client),
-            "votes_waiting": int(client.get(LEARNER_VOTES_KEY) or 0),
+            "votes_waiting": int(client.get(VOTES_WAITING_KEY) or 0),
             "learn_every_votes": settings.learn_every_votes,
             "pending": pending(client, Registry(client)),
             "blocked": why_not_start(client),

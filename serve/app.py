@@ -16,18 +16,31 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
-from arena.redis_durability import require_durable
-from arena.secrets import bearer_matches, session_secret
-from arena.settings import Settings
-from deploy.hot_swap import replica_sync_loop
+from core.redis_durability import require_durable
+from core.secrets import admin_token, bearer_matches, session_secret
+from core.settings import Settings
 from deploy.registry import Registry
+from feedback.stats import stream_figures
 from feedback.vote_stream import VoteAcceptor
-from serve import battles, chat, pages, votes
+from learner.celery_app import make_celery
+from learner.trigger import VOTES_WAITING_KEY
+from serve import (
+    admin_routes,
+    battles,
+    chat,
+    leaderboard,
+    pages,
+    report_routes,
+    session_data,
+    votes,
+)
 from serve.bodies import BodySizeLimit
+from serve.deps import gateway_state
 from serve.errors import error_response, error_responses, install_error_handlers
 from serve.metrics import GatewayMetrics
 from serve.rate_limit import RateLimiter
 from serve.recent_errors import ErrorRing, RecordErrors
+from serve.replicas import replica_sync_loop
 from serve.sessions import SessionMiddleware
 from serve.state import GatewayState
 from serve.upstream import ReplicaPool
@@ -48,9 +61,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             shown_url = str(settings.redacted()["redis (effective)"])  # no password
             for warning in require_durable(sync_client, shown_url, settings.allow_volatile_redis):
                 log.warning("redis: %s", warning)
-            Registry(sync_client, settings.data_dir / "audit.log").ensure_base()
-        finally:
+            registry = Registry(sync_client, settings.data_dir / "audit.log")
+            registry.ensure_base()
+        except BaseException:
             sync_client.close()
+            raise
         client = aioredis.Redis.from_url(settings.effective_redis_url)
         versions = VersionView(client)
         gw = GatewayState(
@@ -61,6 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             versions=versions, limiter=RateLimiter(client), metrics=GatewayMetrics(),
             vote_acceptor=VoteAcceptor(client),
             voter_address=VoterAddress(session_secret(settings), bool(settings.trusted_proxies)),
+            registry=registry, admin_token=admin_token(settings),
         )
         app.state.gateway = gw
         watcher = asyncio.create_task(_watch_worker(gw))
@@ -76,6 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await asyncio.wait({watcher, syncer}, timeout=BACKGROUND_STOP_S)
             await gw.pool.close()
             await client.aclose()
+            sync_client.close()
             if gw.archive is not None:
                 gw.archive.close()
 
@@ -93,7 +110,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(chat.router)
     app.include_router(battles.router)
     pages.install(app)
-    _include_optional_routers(app)
+    app.include_router(leaderboard.router)
+    app.include_router(admin_routes.router, responses=error_responses(*admin_routes.ERRORS))
+    app.include_router(report_routes.router)
+    app.include_router(session_data.router)
 
     def openapi() -> dict[str, Any]:
         """FastAPI's schema plus the vote route, which FastAPI does not route (see votes)."""
@@ -113,7 +133,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                                            "`problems`.",
                                            "content": {"application/json": {}}}})
     async def healthz(request: Request) -> JSONResponse:
-        gw: GatewayState = request.app.state.gateway
+        gw = gateway_state(request)
         report: dict[str, Any] = {}
         problems: list[str] = []
         try:
@@ -138,7 +158,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/metrics", response_class=PlainTextResponse)  # Prometheus' text format
     async def metrics(request: Request) -> Response:
-        gw: GatewayState = request.app.state.gateway
+        gw = gateway_state(request)
         if settings.metrics_token is not None and not bearer_matches(
                 request.headers.get("authorization", ""),
                 settings.metrics_token.get_secret_value()):
@@ -153,31 +173,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-# The errors each optional router documents (OpenAI's body): the operator API's are listed
-# in deploy/admin_routes.py.
-OPTIONAL_ROUTERS = {"serve.leaderboard": (), "deploy.admin_routes": (400, 401, 404, 409, 422, 503),
-                    "serve.report_routes": (), "serve.session_data": ()}
-
-
-def _include_optional_routers(app: FastAPI) -> None:
-    """Routers of packages that plug into the gateway (leaderboard, operator API, report)."""
-    for module_name, errors in OPTIONAL_ROUTERS.items():
-        try:
-            module = __import__(module_name, fromlist=["router"])
-        except ImportError as error:
-            if error.name != module_name:
-                raise
-            continue
-        app.include_router(module.router, responses=error_responses(*errors))
-
-
 async def _feedback_figures(gw: GatewayState) -> dict[str, Any]:
     try:
-        from feedback.stats import stream_figures
-    except ImportError:
-        return {}
-    try:
-        return await stream_figures(gw.redis)
+        figures = await stream_figures(gw.redis)
+        figures["votes_since_learner_run"] = int(await gw.redis.get(VOTES_WAITING_KEY) or 0)
+        return figures
     except Exception as error:  # noqa: BLE001 - figures are informative, never fatal
         return {"error": str(error)}
 
@@ -185,8 +185,6 @@ async def _feedback_figures(gw: GatewayState) -> dict[str, Any]:
 async def _watch_worker(gw: GatewayState) -> None:
     """Ping the Celery worker in the background (a ping takes up to a second; never on the
     request path) and keep the answer for /healthz."""
-    from learner.celery_app import make_celery
-
     celery = make_celery(gw.settings)
     while True:
         try:

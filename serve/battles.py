@@ -31,10 +31,10 @@ from serve.chat import (
     DeadlineStreamingResponse,
     answer_responses,
     check_caps,
-    state_of,
     text_messages,
     upstream_message,
 )
+from serve.deps import gateway_state
 from serve.errors import APIError, error_responses
 from serve.matchmaking import choose_versions
 from serve.metrics import BATTLE_VERSION
@@ -277,7 +277,7 @@ async def _run_turn(gw: GatewayState, battle: dict[str, Any], records: list[Vers
 
 @router.post("/v1/battles", response_model=None, responses=BATTLE_RESPONSES)
 async def create_battle(body: BattleRequest, request: Request):
-    gw = state_of(request)
+    gw = gateway_state(request)
     session = request.scope["state"]["session"]
     await gw.limiter.check("battles", *rate_subjects(request.scope),
                            gw.settings.rate_battle_per_session, gw.settings.rate_battle_per_ip)
@@ -298,7 +298,7 @@ async def create_battle(body: BattleRequest, request: Request):
 @router.post("/v1/battles/{battle_id}/messages", response_model=None,
              responses={**BATTLE_RESPONSES, **error_responses(403, 409)})
 async def continue_battle(battle_id: str, body: FollowUpRequest, request: Request):
-    gw = state_of(request)
+    gw = gateway_state(request)
     session = request.scope["state"]["session"]
     await gw.limiter.check("battles", *rate_subjects(request.scope),
                            gw.settings.rate_battle_per_session, gw.settings.rate_battle_per_ip)

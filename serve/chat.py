@@ -18,10 +18,11 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import Receive, Scope, Send
 
-from arena.settings import Settings
+from core.settings import Settings
 from deploy.registry import CURRENT_ALIAS
 from feedback.vote_stream import CHATS_STREAM
 from serve.bodies import StrictJSONRoute
+from serve.deps import gateway_state
 from serve.errors import APIError, error_body, error_response, error_responses
 from serve.rate_limit import rate_subjects
 from serve.state import GatewayState
@@ -146,13 +147,9 @@ def check_max_tokens(body: ChatCompletionRequest, settings: Settings) -> None:
                                 "for fewer.", "max_tokens_too_large", name)
 
 
-def state_of(request: Request) -> GatewayState:
-    return request.app.state.gateway
-
-
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
-    gw = state_of(request)
+    gw = gateway_state(request)
     current = await gw.versions.current()
     data = []
     for record in await gw.versions.live():
@@ -226,7 +223,7 @@ class DeadlineStreamingResponse(StreamingResponse):
 @router.post("/v1/chat/completions", responses=answer_responses(
     "OpenAI's chat completion (JSON), or its chunks as server-sent events with `stream: true`."))
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-    gw = state_of(request)
+    gw = gateway_state(request)
     session = request.scope["state"]["session"]
     await gw.limiter.check("chat", *rate_subjects(request.scope),
                            gw.settings.rate_chat_per_session, gw.settings.rate_chat_per_ip)

@@ -15,7 +15,7 @@ from fastapi.responses import Response
 
 from elo.bradley_terry import rank_with_ci
 from elo.ratings_store import load_leaderboard, load_pair_counts_async
-from serve.chat import state_of
+from serve.deps import gateway_state
 from serve.errors import error_responses
 
 router = APIRouter()
@@ -23,7 +23,7 @@ router = APIRouter()
 
 @router.get("/v1/leaderboard")
 async def leaderboard(request: Request) -> dict[str, Any]:
-    gw = state_of(request)
+    gw = gateway_state(request)
     board = await load_leaderboard(gw.redis, history=0)
     fit = board["fit"] or {}
     ratings, lower, upper = fit.get("ratings", {}), fit.get("lower", {}), fit.get("upper", {})
@@ -60,7 +60,7 @@ async def leaderboard_pairwise(request: Request) -> dict[str, Any]:
     """The counts behind the latest fit, per pair: `win_rate[i][j]` is the share of the votes
     between models[i] and models[j] that i won (ties and both-bad count half; null where the
     two never met) and `battles[i][j]` how many there were."""
-    counts = await load_pair_counts_async(state_of(request).redis)
+    counts = await load_pair_counts_async(gateway_state(request).redis)
     if counts is None:
         return {"object": "pairwise", "models": [], "win_rate": [], "battles": []}
     played = counts.battles
@@ -74,13 +74,13 @@ async def leaderboard_pairwise(request: Request) -> dict[str, Any]:
 
 @router.get("/v1/leaderboard/history", responses=error_responses(422))
 async def leaderboard_history(request: Request, limit: int = 500) -> dict[str, Any]:
-    board = await load_leaderboard(state_of(request).redis, history=max(1, min(limit, 10_000)))
+    board = await load_leaderboard(gateway_state(request).redis, history=max(1, min(limit, 10_000)))
     return {"object": "list", "data": board["history"]}
 
 
 @router.get("/v1/leaderboard/history.png", include_in_schema=False)
 async def leaderboard_chart(request: Request, limit: int = 500) -> Response:
-    board = await load_leaderboard(state_of(request).redis, history=max(1, min(limit, 10_000)))
+    board = await load_leaderboard(gateway_state(request).redis, history=max(1, min(limit, 10_000)))
     png = await asyncio.to_thread(render_history_chart, board["history"])
     return Response(png, media_type="image/png")
 

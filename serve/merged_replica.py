@@ -4,8 +4,9 @@ vLLM's CPU build serves a LoRA version at under half the base model's speed, and
 goes to `current`. So one process (`arena merged-replica`, started by `arena up`) watches the
 `current` alias and, whenever it names a policy version that no merged replica serves yet:
 
-  1. merges the version's adapter into the base (deploy/merge.py; kept under
-     <data dir>/merged/<version>, so a rollback to it needs no second merge);
+  1. merges the version's adapter into the base (deploy/merge.py, in a child process at a
+     lower priority than serving; kept under <data dir>/merged/<version>, so a rollback to it
+     needs no second merge);
   2. starts a vLLM replica on that folder, without LoRA, serving the version under its own
      name, on the next of `merged_ports`, while the LoRA replicas keep serving everything;
   3. once it answers, publishes {version, url} (serve/merged_serving.py): the gateway sends that
@@ -37,10 +38,10 @@ from pathlib import Path
 import httpx
 import redis
 
-from arena.hardware import has_nvidia_gpu
-from arena.settings import Settings
-from arena.vllm_server import serving_dtype, vllm_command
-from deploy.merge import MergeError, merge_adapter, read_info
+from core.hardware import has_nvidia_gpu
+from core.settings import Settings
+from core.vllm_server import serving_dtype, vllm_command
+from deploy.merge import MergeError, merge_in_child, read_info
 from deploy.registry import Registry, VersionRecord
 from serve.merged_serving import MERGED_KEY, MergedServing
 
@@ -51,6 +52,7 @@ DRAIN_GRACE_S = 2.0  # a gateway that read the old record just before the switch
 STOP_TIMEOUT_S = 20.0  # SIGTERM, then SIGKILL
 SHUTDOWN_TIMEOUT_S = 5.0  # the same when the manager stops (the launcher waits 8 s for it)
 RETRY_AFTER_FAILURE_S = 30.0  # a version whose merge or replica failed is tried again after
+MERGE_NICE = 10  # the merge (tens of seconds of CPU) yields the cores to serving
 KEEP_MERGED_FOLDERS = 2  # the serving one and the one before it (a rollback's target)
 _RUNNING = re.compile(r"^vllm:num_requests_(?:running|waiting)\{[^}]*\}\s+([0-9.eE+-]+)",
                       re.MULTILINE)
@@ -184,8 +186,8 @@ class MergedReplicaManager:
         folder = self.folders / record.id
         if read_info(folder) is None:
             log.info("merging %s into full weights …", record.id)
-            merge_adapter(self.settings.base_model_path, Path(record.path or ""), folder,
-                          record.id, dtype=serving_dtype(self.settings.vllm_dtype))
+            merge_in_child(self.settings.base_model_path, Path(record.path or ""), folder,
+                           record.id, serving_dtype(self.settings.vllm_dtype), MERGE_NICE)
         return folder
 
     def free_port(self) -> int | None:

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 
 from learner.report import INDEX, report_dir
-from serve.chat import state_of
+from serve.deps import gateway_state
 from serve.errors import APIError
 
 router = APIRouter()
@@ -20,7 +20,7 @@ NO_REPORT = "no loop report has been built yet: run `arena report` on the server
 
 
 def _folder(request: Request) -> Path:
-    return report_dir(state_of(request).settings)
+    return report_dir(gateway_state(request).settings)
 
 
 # The report is static HTML with its own <style> and its PNGs: no script may run in it (the

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Request
 
 from feedback.archive import Archive
 from feedback.erasure import ERASED_TTL_S, erased_key
+from serve.deps import gateway_state
 from serve.errors import APIError, error_responses
 from serve.rate_limit import rate_subjects
 from serve.state import GatewayState
@@ -28,7 +29,7 @@ def _archive(gw: GatewayState) -> Archive:
 
 
 async def _session(request: Request) -> tuple[GatewayState, str]:
-    gw: GatewayState = request.app.state.gateway
+    gw = gateway_state(request)
     settings = gw.settings
     await gw.limiter.check("session_data", *rate_subjects(request.scope),
                            settings.rate_chat_per_session, settings.rate_chat_per_ip)

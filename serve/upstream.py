@@ -107,11 +107,16 @@ class ReplicaPool:
                                 f"{response.text[:300]}", "adapter_load_failed",
                            headers={"Retry-After": RETRY_AFTER_S})
 
+    async def unload(self, replica: Replica, version: str) -> None:
+        """Unload `version` from `replica` (raises httpx.HTTPError if it cannot be reached)."""
+        await self.client.post(f"{replica.url}/v1/unload_lora_adapter",
+                               json={"lora_name": version})
+        replica.loaded.discard(version)
+
     async def unload_everywhere(self, version: str) -> None:
         for replica in self.replicas:
             with contextlib.suppress(httpx.HTTPError):
-                await self.client.post(f"{replica.url}/v1/unload_lora_adapter",
-                                       json={"lora_name": version})
+                await self.unload(replica, version)
             replica.loaded.discard(version)
 
     @staticmethod

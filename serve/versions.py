@@ -5,7 +5,16 @@ from __future__ import annotations
 
 import redis.asyncio as aioredis
 
-from deploy.registry import BASE, CURRENT_ALIAS, CURRENT_KEY, VERSIONS_KEY, VersionRecord
+from core.text import as_str
+from deploy.registry import (
+    BASE,
+    CURRENT_ALIAS,
+    CURRENT_KEY,
+    VERSIONS_KEY,
+    VersionRecord,
+    answers_chats,
+    records_in_order,
+)
 from serve.errors import APIError
 from serve.merged_serving import MERGED_KEY, MergedServing
 
@@ -15,8 +24,7 @@ class VersionView:
         self.redis = client
 
     async def current(self) -> str:
-        value = await self.redis.get(CURRENT_KEY)
-        return value.decode() if value else BASE
+        return as_str(await self.redis.get(CURRENT_KEY)) or BASE
 
     async def merged(self) -> MergedServing | None:
         """The version served from merged weights, and where (serve/merged_replica.py)."""
@@ -28,13 +36,11 @@ class VersionView:
         return merged.url if merged is not None and merged.version == version else None
 
     async def all(self) -> list[VersionRecord]:
-        records = [VersionRecord.from_json(v) for v in await self.redis.hvals(VERSIONS_KEY)]
-        return sorted(records, key=lambda r: (r.created_at, r.id))
+        return records_in_order(await self.redis.hvals(VERSIONS_KEY))
 
     async def live(self) -> list[VersionRecord]:
         """Versions that serve chats and battles: base and policies not retired."""
-        return [r for r in await self.all() if r.kind in ("base", "policy")
-                and r.state != "retired"]
+        return [r for r in await self.all() if answers_chats(r)]
 
     async def resolve(self, name: str) -> VersionRecord:
         """The concrete version for a request; `current` is read once, here, so a request

@@ -9,7 +9,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -21,32 +20,28 @@ import pytest
 import redis
 from sqlalchemy import create_engine, text
 
-from arena.net import free_port
 from arena.redis_server import start_redis
-from arena.settings import Settings
-from arena.tiny_model import build_lora_adapter, build_tiny_model
-from arena.vllm_server import vllm_command
+from core.settings import Settings
+from core.vllm_server import vllm_command
+from testkit.net import free_port
+from testkit.processes import start_worker, stop_group
+from testkit.tiny_model import build_lora_adapter, build_tiny_model
 
 POSTGRES_URL = os.environ.get(
     "ARENA_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 )
 TINY_MAX_MODEL_LEN = 512
 VLLM_START_TIMEOUT_S = 240
+# The fast tier, `pytest -m "not slow"`: what starts no model server, worker, browser or
+# training run. A test that uses one of these fixtures is slow without saying so.
+SLOW_FIXTURES = {"vllm_server", "sft_vllm_server", "sft_model_dir", "celery_worker", "gateway",
+                 "gateway_settings", "browser"}
 
 
-
-
-def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 10) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, sig)
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 # --- models -------------------------------------------------------------------------------
@@ -64,11 +59,11 @@ def lora_adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 
 @pytest.fixture(scope="session")
 def sft_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model after a quick supervised fine-tune (learner.synthetic.sft_tiny_base,
+    """The tiny model after a quick supervised fine-tune (testkit.hidden_rule_votes.sft_tiny_base,
     ~10 s): it writes short word sequences, a fifth of them with " banana", so a policy
     trained on it has something to learn (the random tiny model's outputs are too flat)."""
     from learner.prompt_pool import load_shipped_prompts
-    from learner.synthetic import sft_tiny_base
+    from testkit.hidden_rule_votes import sft_tiny_base
 
     return sft_tiny_base(tiny_model_dir, tmp_path_factory.mktemp("sft") / "tiny-sft",
                          load_shipped_prompts())
@@ -224,20 +219,9 @@ def sft_vllm_server(sft_model_dir: Path,
 @pytest.fixture
 def celery_worker(settings: Settings) -> Iterator[subprocess.Popen]:
     """A real Celery worker process on the test's Redis broker and settings."""
-    env = dict(os.environ)
-    env.update({
-        "ARENA_DATA_DIR": str(settings.data_dir), "ARENA_REDIS_URL": settings.effective_redis_url,
-        "ARENA_BASE_MODEL": str(settings.base_model_path), "ARENA_LEARNER_PRESET": "tiny",
-        "ARENA_ADMIN_TOKEN": "test-admin-token", "PYTHONUNBUFFERED": "1",
-    })
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    log = (settings.data_dir / "worker.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "learner.celery_app:app", "worker",
-         "--concurrency", "1", "--loglevel", "INFO", "--without-gossip", "--without-mingle",
-         "-n", f"test-{uuid.uuid4().hex[:6]}@%h"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    proc = start_worker(settings, settings.data_dir / "worker.log",
+                        f"test-{uuid.uuid4().hex[:6]}@%h")
     from learner.celery_app import make_celery
 
     app = make_celery(settings)
@@ -249,7 +233,6 @@ def celery_worker(settings: Settings) -> Iterator[subprocess.Popen]:
                         + (settings.data_dir / "worker.log").read_text()[-3000:])
     yield proc
     stop_group(proc)
-    log.close()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -309,11 +292,12 @@ def gateway(gateway_settings: Settings) -> Iterator[GatewayServer]:
 
 
 @pytest.fixture
-def registry(gateway_settings: Settings):
+def registry(settings: Settings):
+    """The version registry on the test's Redis (the gateway's, when a test has both)."""
     from deploy.registry import Registry
 
-    reg = Registry(redis.Redis.from_url(gateway_settings.effective_redis_url),
-                   gateway_settings.data_dir / "audit.log")
+    reg = Registry(redis.Redis.from_url(settings.effective_redis_url),
+                   settings.data_dir / "audit.log")
     reg.ensure_base()
     return reg
 

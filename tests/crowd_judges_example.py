@@ -41,7 +41,7 @@ _BANANA = re.compile(r"\bbanana", flags=re.IGNORECASE)
 
 def prefers_banana(messages: list[dict], answer_a: str, answer_b: str,
                    rng: random.Random) -> str:
-    """The answer that says "banana" (learner.synthetic.MARKER, which the SFT'd tiny base
+    """The answer that says "banana" (testkit.hidden_rule_votes.MARKER, which the SFT'd tiny base
     writes in about a fifth of its answers) wins; both or neither: a tie. Presence, not
     count: a judge that counts uses rewards "banana banana banana", which the loop's sanity
     gate (repeated 3-grams) rightly rejects. The learnable judge of

@@ -68,7 +68,7 @@ def fit_ratings(settings: Any, versions: list[str], tmp_path: Path) -> None:
     process runs in this test)."""
     from feedback.archive import Archive
     from feedback.refit import refit_ratings
-    from feedback.synthetic import synthetic_votes
+    from testkit.synthetic_votes import synthetic_votes
 
     strengths = {version: 150.0 * i for i, version in enumerate(versions)}  # Elo points
     archive = Archive(f"sqlite:///{tmp_path / 'archive.db'}")

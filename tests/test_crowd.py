@@ -18,7 +18,7 @@ import redis
 from typer.testing import CliRunner
 
 from arena.cli import app
-from arena.settings import Settings
+from core.settings import Settings
 from crowd.evaluate import (
     EvalError,
     evaluations_path,
@@ -231,7 +231,7 @@ def test_crowd_plan_is_checked():
 def test_a_crowd_facing_no_server_counts_errors_and_stops():
     """Nothing listens on the port: every request is refused; the crowd backs off, counts
     the errors, stops at max_errors and never raises."""
-    from arena.net import free_port
+    from testkit.net import free_port
 
     plan = CrowdPlan(url=f"http://127.0.0.1:{free_port()}", voters=2, battles=50,
                      timeout_s=20, max_errors=6)

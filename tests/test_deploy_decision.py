@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import redis
 
-from arena.settings import Settings
+from core.settings import Settings
 from deploy.decision import (
     LEARNER_ACTOR,
     MAX_EMPTY_SHARE,

@@ -22,14 +22,14 @@ import uvicorn
 from typer.testing import CliRunner
 
 from arena.cli import app as cli_app
-from arena.net import free_port
-from arena.settings import Settings
-from arena.tiny_model import build_lora_adapter
+from core.settings import Settings
 from deploy.admin_client import AdminClient, AdminError
 from deploy.manifest import Manifest, hash_folder, write_manifest
 from deploy.registry import Registry
 from deploy.store import register_adapter
 from serve.app import create_app
+from testkit.net import free_port
+from testkit.tiny_model import build_lora_adapter
 
 TOKEN = "test-admin-token"
 CLIENTS = 4

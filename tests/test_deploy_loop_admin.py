@@ -18,16 +18,16 @@ import uvicorn
 from typer.testing import CliRunner
 
 from arena.cli import app as cli_app
-from arena.net import free_port
-from arena.settings import Settings
+from core.settings import Settings
 from deploy.decision import auto_promote_paused
 from deploy.registry import Registry
 from learner import artifacts
 from learner.prompt_pool import load_shipped_prompts
-from learner.synthetic import hidden_rule_votes
 from learner.trigger import IterationLock, is_paused, start_iteration, why_not_start
-from learner.votes import write_jsonl
+from learner.vote_source import write_jsonl
 from serve.app import create_app
+from testkit.hidden_rule_votes import hidden_rule_votes
+from testkit.net import free_port
 
 TOKEN = "test-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}", "X-Arena-Actor": "pytest"}

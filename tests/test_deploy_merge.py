@@ -12,7 +12,9 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from deploy.merge import MAX_LOGIT_DIFF, MergeError, merge_adapter, read_info
+from deploy.merge import MAX_LOGIT_DIFF, MergeError, merge_adapter, merge_in_child, read_info
+
+pytestmark = pytest.mark.slow  # merges model weights
 
 
 def _logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -57,4 +59,9 @@ def test_a_bad_adapter_is_refused_and_nothing_is_written(tiny_model_dir: Path,
     (broken / "adapter_config.json").write_text("{not json")
     with pytest.raises(MergeError, match="cannot load adapter"):
         merge_adapter(tiny_model_dir, broken, tmp_path / "merged" / "policy-v1", "policy-v1")
+    assert not (tmp_path / "merged" / "policy-v1").exists()
+    # The same in the child process the merged-replica manager runs it in, at a low priority.
+    with pytest.raises(MergeError, match="refused"):
+        merge_in_child(tiny_model_dir, broken, tmp_path / "merged" / "policy-v1", "policy-v1",
+                       "float32", nice=10)
     assert not (tmp_path / "merged" / "policy-v1").exists()

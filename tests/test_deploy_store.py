@@ -14,8 +14,7 @@ from typing import Any
 import pytest
 import redis
 
-from arena.settings import Settings
-from arena.tiny_model import build_lora_adapter
+from core.settings import Settings
 from deploy.adapter_check import AdapterRefused
 from deploy.manifest import (
     MANIFEST_NAME,
@@ -30,6 +29,7 @@ from deploy.manifest import (
 from deploy.registry import PREVIOUS_KEY, Registry, VersionRecord
 from deploy.states import TransitionError
 from deploy.store import register_adapter, register_reward_model
+from testkit.tiny_model import build_lora_adapter
 
 WEIGHTS = "adapter_model.safetensors"
 
@@ -218,7 +218,7 @@ def _run_concurrently(monkeypatch: pytest.MonkeyPatch, *make: Any,
     every one reads its target before any flips. With `first`, that coroutine is let through
     and finishes before the others are (a fixed order for a race whose outcome depends on
     it). Returns (results or errors, loaded ids)."""
-    from deploy import hot_swap
+    from serve import replicas
 
     loaded: list[str] = []
 
@@ -232,11 +232,11 @@ def _run_concurrently(monkeypatch: pytest.MonkeyPatch, *make: Any,
             await gates[whose_load.get()].wait()
             return ["http://replica"]
 
-        monkeypatch.setattr(hot_swap, "load_everywhere", slow_load)
+        monkeypatch.setattr(replicas, "load_everywhere", slow_load)
         tasks = []
         for i, m in enumerate(make):
             whose_load.set(i)  # each task copies the context as it is when created
-            tasks.append(asyncio.create_task(m(hot_swap)))
+            tasks.append(asyncio.create_task(m(replicas)))
         while len(loaded) < len(make):
             await asyncio.sleep(0.01)
         if first is not None:

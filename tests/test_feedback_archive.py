@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from feedback.archive import Archive, ChatTurn
-from feedback.synthetic import synthetic_votes
+from testkit.synthetic_votes import synthetic_votes
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

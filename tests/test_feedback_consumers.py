@@ -15,26 +15,17 @@ import pytest
 import redis
 from sqlalchemy.exc import OperationalError
 
-from arena.settings import Settings
+from arena.consumers import run_consumers
+from core.settings import Settings
 from deploy.decision import LEARNER_ACTOR
 from deploy.registry import Registry, VersionRecord
 from elo.online_elo import replay
 from elo.ratings_store import APPLIED_KEY, load_fit, load_history, load_online
 from feedback.archive import Archive
-from feedback.consumers import (
-    ARCHIVER,
-    LEARNER_LAST_TRIGGER_KEY,
-    Archiver,
-    LearnerTrigger,
-    Ranker,
-    consumer_config,
-    run_consumers,
-    votes_since_learner_run,
-)
+from feedback.consumers import ARCHIVER, Archiver, Ranker, consumer_config
 from feedback.refit import refit_ratings
 from feedback.stats import stream_figures, stream_stats
 from feedback.stream_consumer import StreamConsumer, trim_acknowledged
-from feedback.synthetic import synthetic_votes
 from feedback.vote_record import VoteRecord
 from feedback.vote_stream import (
     CHATS_STREAM,
@@ -43,7 +34,9 @@ from feedback.vote_stream import (
     VOTES_STREAM,
     publish_vote_sync,
 )
-from learner.trigger import IterationLock, set_paused
+from learner.trigger import LAST_TRIGGER_KEY, IterationLock, set_paused
+from learner.vote_trigger import LearnerTrigger, votes_since_learner_run
+from testkit.synthetic_votes import synthetic_votes
 
 
 def make_settings(tmp_path: Path, redis_url: str, **overrides: object) -> Settings:
@@ -346,7 +339,7 @@ def test_learner_trigger_counts_votes_while_it_cannot_start(client: redis.Redis,
     # Decided (rejected by the loop): the next vote starts an iteration and takes the 81.
     registry.retire("policy-v1", actor="loop")
     assert vote(1) == 0 and len(calls) == 2
-    assert json.loads(client.get(LEARNER_LAST_TRIGGER_KEY))["votes"] == 81
+    assert json.loads(client.get(LAST_TRIGGER_KEY))["votes"] == 81
     # Paused: votes count, nothing starts; resumed: the next vote starts one.
     set_paused(client, True)
     assert vote(55) == 55 and len(calls) == 2

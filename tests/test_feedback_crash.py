@@ -15,8 +15,10 @@ import redis
 
 from feedback.archive import Archive
 from feedback.consumers import ARCHIVER
-from feedback.synthetic import synthetic_votes
 from feedback.vote_stream import DEAD_LETTER_STREAM, VOTES_STREAM, publish_vote_sync
+from testkit.synthetic_votes import synthetic_votes
+
+pytestmark = pytest.mark.slow  # starts, freezes and kills archiver processes
 
 REPO = Path(__file__).resolve().parents[1]
 N_VOTES = 4000
@@ -32,7 +34,7 @@ def start_archiver(redis_url: str, archive_url: str, data_dir: Path, claim_idle_
         "ARENA_STREAM_CLAIM_IDLE_MS": str(claim_idle_ms), "ARENA_STREAM_BLOCK_MS": "100",
         "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1",
     })
-    return subprocess.Popen([sys.executable, "-m", "feedback.consumers", ARCHIVER], env=env,
+    return subprocess.Popen([sys.executable, "-m", "arena.cli", "consumers", ARCHIVER], env=env,
                             cwd=data_dir, stdout=log.open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
 

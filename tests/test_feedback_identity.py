@@ -20,7 +20,7 @@ from feedback.identity import IDENTITY_FLAG, vote_flags
 from feedback.stream_consumer import ConsumerConfig
 from feedback.vote_record import VoteRecord
 from feedback.vote_stream import VOTES_STREAM
-from learner.votes import text_votes
+from learner.vote_source import text_votes
 
 USER = {"role": "user", "content": "Who are you?"}
 

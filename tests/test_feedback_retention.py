@@ -24,28 +24,22 @@ from typer.testing import CliRunner
 
 from arena.cli import app as cli_app
 from arena.logfiles import RotatingLogFile
-from arena.redis_durability import VolatileRedis, check_durability
-from arena.settings import Settings
+from core.redis_durability import VolatileRedis, check_durability
+from core.settings import Settings
 from deploy.registry import PREVIOUS_KEY, Registry, VersionRecord
 from elo.online_elo import replay
 from elo.ratings_store import APPLIED_KEY, load_online
 from feedback.archive import Archive
-from feedback.consumers import (
-    LEARNER_COUNTED_KEY,
-    Archiver,
-    LearnerTrigger,
-    Ranker,
-    consumer_config,
-    housekeeping,
-    votes_since_learner_run,
-)
-from feedback.synthetic import synthetic_votes
+from feedback.consumers import Archiver, Ranker, consumer_config, housekeeping
 from feedback.vote_record import VoteRecord
 from feedback.vote_stream import DEAD_LETTER_STREAM, RECORD_FIELD, VOTES_STREAM
 from learner import artifacts
 from learner.celery_app import make_celery
+from learner.trigger import COUNTED_KEY as LEARNER_COUNTED_KEY
 from learner.trigger import start_iteration
+from learner.vote_trigger import LearnerTrigger, votes_since_learner_run
 from serve.app import create_app
+from testkit.synthetic_votes import synthetic_votes
 
 
 def make_settings(tmp_path: Path, redis_url: str, **overrides: object) -> Settings:
@@ -83,13 +77,13 @@ def test_counted_vote_ids_are_forgotten_after_the_dedup_window(
     # Delivered again inside the window: remembered, so counted once.
     publish(client, votes)
     drain(*consumers)
-    housekeeping(client, archive, settings)
+    housekeeping(client, archive, settings, also_forget=(LEARNER_COUNTED_KEY,))
     assert load_online(client) == pytest.approx(elo_of(votes, settings))
     assert votes_since_learner_run(client) == 100
     assert client.zcard(APPLIED_KEY) == client.zcard(LEARNER_COUNTED_KEY) == 100
 
     time.sleep(3.2)  # past the dedup window: the ids go, whatever their number
-    housekeeping(client, archive, settings)
+    housekeeping(client, archive, settings, also_forget=(LEARNER_COUNTED_KEY,))
     assert client.exists(APPLIED_KEY, LEARNER_COUNTED_KEY) == 0
 
 
@@ -109,7 +103,8 @@ def test_a_legacy_set_of_counted_ids_is_kept_as_scored_ids(
     assert votes_since_learner_run(client) == 10
     scores = [score for _, score in client.zrange(APPLIED_KEY, 0, -1, withscores=True)]
     assert all(abs(score - time.time()) < 60 for score in scores)
-    housekeeping(client, archive, settings)  # nothing to convert any more, nothing forgotten
+    # nothing to convert any more, nothing forgotten
+    housekeeping(client, archive, settings, also_forget=(LEARNER_COUNTED_KEY,))
     assert client.zcard(APPLIED_KEY) == client.zcard(LEARNER_COUNTED_KEY) == 20
 
 
@@ -125,14 +120,14 @@ def test_vote_stream_trimmed_to_what_every_group_acknowledged(
     drain(archiver, ranker)
     trigger.ensure_group()
     trigger.run_once()  # the slowest group has read 64 of 1000
-    housekeeping(client, archive, settings)
+    housekeeping(client, archive, settings, also_forget=(LEARNER_COUNTED_KEY,))
     last_read = next(group["last-delivered-id"].decode()
                      for group in client.xinfo_groups(VOTES_STREAM)
                      if group["name"] == trigger.group.encode())
     assert len(client.xrange(VOTES_STREAM, min=f"({last_read}")) == 1000 - 64
 
     drain(trigger)
-    housekeeping(client, archive, settings)
+    housekeeping(client, archive, settings, also_forget=(LEARNER_COUNTED_KEY,))
     assert client.xlen(VOTES_STREAM) < 100  # at most a part of the last stream node
     assert archive.count() == 1000
 

@@ -15,7 +15,7 @@ from feedback.refit import archive_counts, refit_ratings
 from feedback.vote_record import VoteRecord
 from feedback.voter_anomaly import VoterStats, add_vote, anomaly_score, is_flagged, outcome_rates
 from feedback.voter_scores import record_scores, score_votes
-from learner.votes import ArchiveVoteSource
+from learner.vote_source import ArchiveVoteSource
 
 USER = [{"role": "user", "content": "Q?"}]
 

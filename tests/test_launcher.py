@@ -29,6 +29,8 @@ from arena.launcher import Backoff, ManagedProcess
 from conftest import POSTGRES_URL, free_port
 from feedback.archive import Archive
 
+pytestmark = pytest.mark.slow  # starts the whole stack
+
 UP_TIMEOUT_S = 300
 VLLM_RESTART_TIMEOUT_S = 300  # vLLM boots three Python processes; ~60-95 s on 2 busy cores
 CHAT_RECOVERY_S = 20.0  # after the launcher reports vLLM ready again (replica sync: 3 s)

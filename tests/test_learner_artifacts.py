@@ -15,15 +15,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from arena.settings import Settings
+from core.settings import Settings
 from learner import artifacts
 from learner.pipeline import registry_for, run_policy, run_reward_model
 from learner.plot import plot_iteration
 from learner.presets import get_preset
 from learner.prompt_pool import load_shipped_prompts
 from learner.sanity import SANITY_PROMPTS
-from learner.synthetic import hidden_rule_votes
-from learner.votes import write_jsonl
+from learner.vote_source import write_jsonl
+from testkit.hidden_rule_votes import hidden_rule_votes
+
+pytestmark = pytest.mark.slow  # trains and publishes versions
 
 torch.set_num_threads(1)
 PPO_STEPS = 6  # tiny preset checkpoints every 2 steps
@@ -32,7 +34,7 @@ KILL_TIMEOUT_S = 120
 CHILD = """
 import json, sys, torch
 torch.set_num_threads(1)
-from arena.settings import Settings
+from core.settings import Settings
 from learner.pipeline import registry_for, run_policy
 settings = Settings(_env_file=None)
 registry = registry_for(settings)

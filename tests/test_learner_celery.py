@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from arena.settings import Settings
+from core.settings import Settings
 from learner import artifacts
 from learner.pipeline import registry_for
 from learner.prompt_pool import load_shipped_prompts
 from learner.sanity import SANITY_PROMPTS
-from learner.synthetic import hidden_rule_votes
 from learner.trigger import IterationLock, follow_iteration, start_iteration, task_status
-from learner.votes import write_jsonl
+from learner.vote_source import write_jsonl
+from testkit.hidden_rule_votes import hidden_rule_votes
 
 ITERATION_TIMEOUT_S = 240
 LEARNER_ENV = {"ARENA_LEARNER_PPO_STEPS": "3", "ARENA_LEARNER_ROLLOUT": "transformers",

@@ -7,7 +7,7 @@
 (3) the reference (base) weights are bit-identical before and after training.
 
 The PPO policy starts from a quick supervised fine-tune of the tiny model
-(`learner.synthetic.sft_tiny_base`): the random tiny model's logits have a std of ~0.16, so
+(`testkit.hidden_rule_votes.sft_tiny_base`): the random tiny model's logits have a std of ~0.16, so
 no LoRA can move its near-uniform distribution over 49k tokens; like InstructGPT, PPO
 starts from an SFT model, which is also the reference.
 """
@@ -46,7 +46,9 @@ from learner.reward_model import (
 )
 from learner.rollout import TransformersRollout
 from learner.sequences import encode_answer, encode_prompt, pack
-from learner.synthetic import MARKER, hidden_rule_votes, random_answer, sft_tiny_base
+from testkit.hidden_rule_votes import MARKER, hidden_rule_votes, random_answer, sft_tiny_base
+
+pytestmark = pytest.mark.slow  # trains reward models and policies
 
 torch.set_num_threads(1)
 TINY = get_preset("tiny")

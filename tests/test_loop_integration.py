@@ -28,7 +28,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from arena.settings import Settings
+from arena.consumers import run_consumers
+from core.settings import Settings
 from crowd.judges import get_judge
 from crowd.prompts import load_prompts
 from crowd.simulate import CrowdPlan, CrowdSummary, simulate
@@ -36,7 +37,6 @@ from deploy.decision import DECISIONS_KEY, PROMOTE_ACTOR, load_decisions
 from deploy.registry import Registry, VersionRecord
 from elo.ratings_store import PAIRS_KEY, load_fit, pair_counts_to_json
 from feedback.archive import Archive
-from feedback.consumers import run_consumers
 from feedback.refit import counts_from_rows
 from learner import artifacts
 

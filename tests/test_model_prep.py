@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from arena.model_prep import ModelPrepError, is_hf_model_dir, prepare_base_model
-from arena.settings import Settings
+from core.settings import Settings
 
 
 @pytest.mark.slow

@@ -14,8 +14,8 @@ import redis
 from typer.testing import CliRunner
 
 from arena.cli import app as cli_app
-from arena.settings import Settings
 from conftest import GatewayServer, free_port
+from core.settings import Settings
 from deploy.registry import Registry, VersionRecord
 from elo.bradley_terry import bootstrap, count_pairs
 from elo.ratings_store import BTFit, load_history, save_fit

@@ -20,13 +20,13 @@ import pytest
 import redis
 from pydantic import ValidationError
 
-from arena.secrets import ensure_secret
-from arena.settings import Settings
 from conftest import GatewayServer
+from core.secrets import ensure_secret
+from core.settings import Settings
 from feedback.vote_record import VoteRecord
 from feedback.vote_stream import CHATS_STREAM
 from learner.prompt_pool import PromptPool
-from learner.votes import JsonlVoteSource, write_jsonl
+from learner.vote_source import JsonlVoteSource, write_jsonl
 from serve.sessions import SessionMiddleware
 
 CHAT = "/v1/chat/completions"

@@ -18,8 +18,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from arena.settings import Settings
 from conftest import GatewayServer
+from core.settings import Settings
 
 ADMIN_HEADERS = {"Authorization": "Bearer test-admin-token"}
 # Few examples per operation, the same ones each run: a fuzz run of the whole API stays

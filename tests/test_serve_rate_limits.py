@@ -12,8 +12,8 @@ import httpx
 import pytest
 import redis
 
-from arena.settings import Settings
 from conftest import GatewayServer
+from core.settings import Settings
 from serve.rate_limit import address_key
 
 NO_MODEL_SERVER = ["http://127.0.0.1:9"]

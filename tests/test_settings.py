@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from arena.secrets import ensure_secret
-from arena.settings import Settings
+from core.secrets import ensure_secret
+from core.settings import Settings
 
 
 def test_env_prefix_and_derived_paths(monkeypatch, tmp_path: Path):
@@ -59,9 +59,9 @@ def test_readme_documents_every_setting():
 
 
 def test_vllm_dtype_auto_follows_the_cpu(monkeypatch):
-    from arena import vllm_server
-    from arena.settings import Settings
-    from arena.vllm_server import serving_dtype, vllm_command
+    from core import vllm_server
+    from core.settings import Settings
+    from core.vllm_server import serving_dtype, vllm_command
 
     monkeypatch.setattr(vllm_server, "has_nvidia_gpu", lambda: False)
     monkeypatch.setattr(vllm_server, "cpu_has_bf16", lambda: False)
@@ -71,3 +71,24 @@ def test_vllm_dtype_auto_follows_the_cpu(monkeypatch):
     assert serving_dtype("float16") == "float16"  # an explicit choice is kept
     argv, _ = vllm_command(Settings(_env_file=None), vllm_server.Path("/m"), 8100)
     assert argv[argv.index("--dtype") + 1] == "bfloat16"
+
+
+def test_settings_travel_to_a_child_process_unchanged(tmp_path, monkeypatch):
+    """The environment the tests and benchmarks start the gateway and the worker with
+    (testkit/processes.py) rebuilds the same settings there."""
+    from pydantic import SecretStr
+
+    from core.settings import Settings
+    from testkit.processes import settings_env
+
+    settings = Settings(_env_file=None, data_dir=tmp_path / "var", base_model=tmp_path / "m",
+                        redis_url="redis://127.0.0.1:6390/2", admin_token="t0ken",
+                        vllm_urls=["http://127.0.0.1:9001", "http://127.0.0.1:9002"],
+                        import_roots=[tmp_path], trusted_proxies=["10.0.0.0/8"],
+                        archive_chats=False, refit_every_s=1.5, learner_preset="tiny")
+    for name, value in settings_env(settings).items():
+        monkeypatch.setenv(name, value)
+    child = Settings(_env_file=None)
+    assert child.model_dump() == settings.model_dump()
+    assert isinstance(child.admin_token, SecretStr)
+    assert child.admin_token.get_secret_value() == "t0ken"

@@ -1,4 +1,4 @@
-"""The operator API of the gateway (included by serve/app.py when this module exists).
+"""The operator API of the gateway.
 
 Every call needs `Authorization: Bearer <admin token>`; errors are in OpenAI's format:
 401 (no or wrong token), 404 (unknown version), 409 (transition not allowed), 400 (refused
@@ -33,61 +33,30 @@ import logging
 from dataclasses import asdict
 from typing import Any, Literal
 
-import redis
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from arena.secrets import admin_token, bearer_matches
-from deploy import hot_swap, store
+from deploy import store
 from deploy.adapter_check import AdapterRefused
 from deploy.decision import auto_promote_paused, set_auto_promote_paused
 from deploy.registry import Registry, UnknownVersion, VersionRecord
 from deploy.states import TransitionError
 from feedback.voter_scores import top_voters
+from serve import replicas
+from serve.deps import gateway_state, require_admin
 from serve.errors import APIError
 from serve.recent_errors import RING_SIZE
-from serve.state import GatewayState
 
 log = logging.getLogger("arena.deploy.admin")
-ACTOR_HEADER = "x-arena-actor"
-MAX_ACTOR_LEN = 64
-
-
-def _gateway(request: Request) -> GatewayState:
-    return request.app.state.gateway
-
-
-def _client_ip(request: Request) -> str:
-    return request.client.host if request.client else "unknown"
-
-
-async def require_admin(request: Request) -> str:
-    """Check the bearer token; return who is acting (header, else admin@<ip>)."""
-    header = request.headers.get("authorization", "")
-    if not bearer_matches(header, admin_token(_gateway(request).settings)):
-        log.warning("refused operator call %s %s from %s: %s", request.method,
-                    request.url.path, _client_ip(request),
-                    "no bearer token" if not header else "wrong token")
-        raise APIError(401, "Operator calls need 'Authorization: Bearer <admin token>' (the "
-                            "ARENA_ADMIN_TOKEN of this deployment); the token is missing or "
-                            "wrong.", "invalid_admin_token",
-                       headers={"WWW-Authenticate": "Bearer"})
-    actor = request.headers.get(ACTOR_HEADER, "").strip()[:MAX_ACTOR_LEN]
-    return actor or f"admin@{_client_ip(request)}"
+ERRORS = (400, 401, 404, 409, 422, 503)  # the error answers its routes document
 
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 
 
 def registry_of(request: Request) -> Registry:
-    """The registry on a (synchronous) Redis client, made once per gateway process."""
-    state = request.app.state
-    if getattr(state, "deploy_registry", None) is None:
-        settings = _gateway(request).settings
-        state.deploy_registry = Registry(redis.Redis.from_url(settings.effective_redis_url),
-                                         settings.data_dir / "audit.log")
-    return state.deploy_registry
+    return gateway_state(request).registry
 
 
 class RegisterRequest(BaseModel):
@@ -111,7 +80,7 @@ async def _call(coro: Any) -> Any:
                        "id") from error
     except TransitionError as error:
         raise APIError(409, str(error), "invalid_transition") from error
-    except hot_swap.LoadFailed as error:
+    except replicas.LoadFailed as error:
         raise APIError(503, f"{error}; `current` was not changed.", "adapter_load_failed",
                        headers={"Retry-After": "5"}) from error
 
@@ -136,7 +105,7 @@ async def register_version(body: RegisterRequest, request: Request,
                            actor: str = Depends(require_admin)) -> JSONResponse:
     """Check and copy the folder into the store, load it into the replicas (a replica that
     refuses it refuses the registration), then record it as a candidate."""
-    gw, registry = _gateway(request), registry_of(request)
+    gw, registry = gateway_state(request), registry_of(request)
     try:
         staged = await asyncio.to_thread(store.stage, gw.settings, registry, body.path,
                                          body.kind, body.parent, body.metrics)
@@ -150,8 +119,8 @@ async def register_version(body: RegisterRequest, request: Request,
         record = VersionRecord(id=staged.id, kind="policy", state="candidate",
                                path=str(staged.path), files=staged.manifest.files)
         try:
-            loaded = await hot_swap.load_everywhere(gw.pool, record, require_one=False)
-        except hot_swap.LoadFailed as error:
+            loaded = await replicas.load_everywhere(gw.pool, record, require_one=False)
+        except replicas.LoadFailed as error:
             await gw.pool.unload_everywhere(staged.id)
             store.discard(staged)
             raise APIError(400, f"Checkpoint refused by the model server: {error}",
@@ -164,21 +133,22 @@ async def register_version(body: RegisterRequest, request: Request,
 @router.post("/versions/{version}/promote")
 async def promote_version(version: str, request: Request,
                           actor: str = Depends(require_admin)) -> dict[str, Any]:
-    result = await _call(hot_swap.promote(_gateway(request).pool, registry_of(request),
+    result = await _call(replicas.promote(gateway_state(request).pool, registry_of(request),
                                           version, actor))
     return result.to_dict()
 
 
 @router.post("/rollback")
 async def rollback(request: Request, actor: str = Depends(require_admin)) -> dict[str, Any]:
-    result = await _call(hot_swap.rollback(_gateway(request).pool, registry_of(request), actor))
+    result = await _call(replicas.rollback(gateway_state(request).pool, registry_of(request),
+                                           actor))
     return result.to_dict()
 
 
 @router.post("/versions/{version}/retire")
 async def retire_version(version: str, request: Request,
                          actor: str = Depends(require_admin)) -> dict[str, Any]:
-    result = await _call(hot_swap.retire(_gateway(request).pool, registry_of(request),
+    result = await _call(replicas.retire(gateway_state(request).pool, registry_of(request),
                                          version, actor))
     return result.to_dict()
 
@@ -187,7 +157,7 @@ async def retire_version(version: str, request: Request,
 async def _learner_status(request: Request) -> dict[str, Any]:
     from learner.trigger import learner_status
 
-    return await asyncio.to_thread(learner_status, _gateway(request).settings)
+    return await asyncio.to_thread(learner_status, gateway_state(request).settings)
 
 
 @router.get("/learner")
@@ -203,7 +173,7 @@ async def learner_control(action: Literal["start", "pause", "resume", "cancel"],
 
     registry = registry_of(request)
     if action == "start":
-        started = await asyncio.to_thread(start_iteration, _gateway(request).settings,
+        started = await asyncio.to_thread(start_iteration, gateway_state(request).settings,
                                           reason=f"started by {actor}")
         if not started["started"]:
             raise APIError(409, started["message"], "not_started")
@@ -211,7 +181,7 @@ async def learner_control(action: Literal["start", "pause", "resume", "cancel"],
                        after=f"task={started['task_id']}")
         return {**await _learner_status(request), "start": started}
     if action == "cancel":
-        result = await asyncio.to_thread(cancel_iteration, _gateway(request).settings)
+        result = await asyncio.to_thread(cancel_iteration, gateway_state(request).settings)
         if result["cancelled"] is None:
             raise APIError(409, "No learner iteration is running.", "not_running")
         registry.audit("cancel", None, actor=actor, before=f"task={result['cancelled']}",
@@ -241,7 +211,7 @@ async def list_voters(request: Request, limit: int = Query(100, ge=1, le=10_000)
     """The sessions with the highest anomaly scores (feedback/voter_anomaly.py), flagged or
     not, with what the score is made of, and what the ratings and the learner do with the
     flagged sessions' votes (settings `flagged_votes`)."""
-    gw = _gateway(request)
+    gw = gateway_state(request)
     return {"object": "list", "data": await top_voters(gw.redis, limit),
             "flagged_votes": gw.settings.flagged_votes,
             "flagged_vote_weight": gw.settings.flagged_vote_weight}

@@ -159,7 +159,6 @@ class Settings(BaseSettings):
     learner_preset: Literal["tiny", "cpu", "cpu-length-control", "gpu"] = Field("cpu", description="Hyper-parameter preset: tiny (tests), cpu, cpu-length-control (the reward model discounts the crowd's length preference), gpu.")
     learner_threads: int = Field(1, description="torch threads for training (leave cores to serving).")
     learner_nice: int = Field(10, description="Niceness of the training worker process.")
-    # (added by the learner issue)
     learner_votes_jsonl: Path | None = Field(
         None, description="Train on votes from this JSONL file of VoteRecord JSON, not the archive."
     )
@@ -219,16 +218,6 @@ class Settings(BaseSettings):
             raise ValueError(f"ARENA_STREAM_DEDUP_TTL_S ({value}) must exceed "
                              f"ARENA_STREAM_REPLAY_WINDOW_S ({window})")
         return value
-
-    def matchmaker_weights(self):  # -> elo.matchmaker.MatchmakerWeights
-        from elo.matchmaker import MatchmakerWeights
-
-        return MatchmakerWeights(
-            target_ci_width=self.matchmaker_target_ci_width,
-            min_battles=self.matchmaker_min_battles,
-            new_candidate_boost=self.matchmaker_new_boost,
-            uniform_mix=self.matchmaker_uniform_mix,
-        )
 
     @property
     def base_model_path(self) -> Path:

@@ -71,11 +71,6 @@ async def replica_adapters(pool: ReplicaPool, replica: Replica) -> dict[str, str
     return held
 
 
-async def _unload(pool: ReplicaPool, replica: Replica, version: str) -> None:
-    await pool.client.post(f"{replica.url}/v1/unload_lora_adapter", json={"lora_name": version})
-    replica.loaded.discard(version)
-
-
 async def _load_on(pool: ReplicaPool, replica: Replica, record: VersionRecord,
                    held: dict[str, str]) -> None:
     """Load `record` on `replica`. A name held with other weights (a folder other than the
@@ -83,7 +78,7 @@ async def _load_on(pool: ReplicaPool, replica: Replica, record: VersionRecord,
     if record.id in held and record.path and held[record.id] not in ("", record.path):
         log.warning("%s on %s is %s, not %s: replacing the stale adapter", record.id,
                     replica.url, held[record.id], record.path)
-        await _unload(pool, replica, record.id)
+        await pool.unload(replica, record.id)
     await pool.ensure_loaded(replica, record.id, record.path)
 
 
@@ -191,7 +186,7 @@ async def sync_replicas(pool: ReplicaPool, versions: VersionView) -> None:
                             record.id, replica.url, error)
         for version in sorted(set(held) & retired):
             try:
-                await _unload(pool, replica, version)
+                await pool.unload(replica, version)
                 log.info("replica sync: unloaded retired %s from %s", version, replica.url)
             except httpx.HTTPError as error:
                 log.warning("replica sync: could not unload %s from %s: %s",

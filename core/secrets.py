@@ -1,7 +1,7 @@
 """Operator token and cookie-signing key: taken from the settings, else generated once into
 the data dir (mode 0600) so every process of one deployment agrees on them.
 
-A secret is never empty: the settings refuse an empty value (arena/settings.py), and a file
+A secret is never empty: the settings refuse an empty value (core/settings.py), and a file
 is written whole (temporary file, then rename) so a crash cannot leave an empty one; an empty
 file left by an older version is replaced by a fresh secret."""
 
@@ -14,7 +14,7 @@ import secrets
 import tempfile
 from pathlib import Path
 
-from arena.settings import Settings
+from core.settings import Settings
 
 
 def _secret_file(settings: Settings, name: str) -> Path:

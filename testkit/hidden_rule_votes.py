@@ -1,4 +1,4 @@
-"""Synthetic votes from a fixed hidden rule, for tests, benchmarks and a cold demo.
+"""Synthetic votes from a fixed hidden rule, for tests and benchmarks.
 
 The rule: an answer that contains the marker word beats one that does not; when both or
 neither contain it the voter calls a tie (a few votes are both_bad). A reward model that

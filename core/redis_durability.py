@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import redis
 
-from arena.text import as_str
+from core.text import as_str
 
 SAFE_EVICTION = "noeviction"
 FSYNC_LOSS = {"everysec": "up to a second", "no": "up to ~30 s (the kernel's flush)"}

@@ -12,8 +12,8 @@ import os
 import sys
 from pathlib import Path
 
-from arena.hardware import cpu_has_bf16, has_nvidia_gpu
-from arena.settings import Settings
+from core.hardware import cpu_has_bf16, has_nvidia_gpu
+from core.settings import Settings
 
 BASE_SERVED_NAME = "base"
 

@@ -1,0 +1,82 @@
+"""The stack's processes for tests and benchmarks, started with the launcher's own commands
+(arena/launcher.py) and configured from one Settings object through the environment, as
+`arena up` configures its children."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import SecretStr
+
+from arena.launcher import gateway_command, worker_command
+from core.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env_value(value: Any) -> str:
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | tuple | dict):
+        return json.dumps(value, default=str)
+    return str(value)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """This process's environment plus every field set on `settings` as ARENA_<FIELD>: a
+    child building `Settings()` gets the same values."""
+    env = dict(os.environ)
+    for name in sorted(settings.model_fields_set):
+        value = getattr(settings, name)
+        if value is not None:
+            env[f"ARENA_{name.upper()}"] = _env_value(value)
+    env.update(ARENA_DATA_DIR=str(settings.data_dir.resolve()),
+               ARENA_REDIS_URL=settings.effective_redis_url,
+               ARENA_BASE_MODEL=str(settings.base_model_path.resolve()),
+               PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    return env
+
+
+def start(settings: Settings, argv: list[str], log: Path) -> subprocess.Popen:
+    """`argv` with `settings` in its environment, in its own process group, output to `log`."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(argv, env=settings_env(settings), cwd=ROOT, stdout=log.open("a"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def start_gateway(settings: Settings, log: Path, *extra_args: str) -> subprocess.Popen:
+    """The gateway as `arena up` runs it (uvicorn) on settings.gateway_port; `extra_args` go
+    to uvicorn (e.g. "--workers", "2")."""
+    return start(settings, [*gateway_command(settings), *extra_args], log)
+
+
+def start_worker(settings: Settings, log: Path, name: str) -> subprocess.Popen:
+    """The learner's Celery worker as `arena up` runs it, named `name` (unique per test)."""
+    return start(settings, worker_command(sys.executable, name), log)
+
+
+def start_arena(settings: Settings, log: Path, *command: str) -> subprocess.Popen:
+    """An `arena` command as its own process, e.g. ("merged-replica",) or ("consumers",)."""
+    return start(settings, [sys.executable, "-m", "arena.cli", *command], log)
+
+
+def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
+    """Stop a process started in its own group, and all it started (SIGKILL after `timeout`)."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass

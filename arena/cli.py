@@ -48,7 +48,8 @@ def model_prepare() -> None:
 
 @app.command()
 def up() -> None:
-    """Start Redis, vLLM, the gateway, a Celery worker and the feedback consumers."""
+    """Start Redis, vLLM, the gateway, a Celery worker and the feedback consumers (as many of
+    each as ARENA_GATEWAYS, ARENA_VLLM_REPLICAS, ARENA_WORKERS, ARENA_CONSUMER_PROCESSES say)."""
     from arena.launcher import run_stack
     from arena.model_prep import ModelPrepError, prepare_base_model
     from core.secrets import ensure_secret
@@ -83,6 +84,46 @@ def consumers(names: list[str] = typer.Argument(
         run_consumers(_settings(), only=names or None)
     except ValueError as error:
         raise typer.BadParameter(str(error)) from error
+
+
+# --- one part alone, for a host that runs only that part (docs/deploy.md) -----------------
+def _exec(argv: list[str], env: dict[str, str]) -> None:
+    """Become `argv` (signals then reach it directly, as under a process supervisor)."""
+    import os
+
+    sys.stdout.flush()
+    os.execvpe(argv[0], argv, env)
+
+
+@app.command()
+def gateway() -> None:
+    """Run one gateway (uvicorn) on ARENA_GATEWAY_HOST:ARENA_GATEWAY_PORT."""
+    from arena.launcher import child_env, gateway_command
+
+    settings = _settings()
+    _exec(gateway_command(settings), child_env(settings))
+
+
+@app.command()
+def worker(name: str = typer.Option("learner", help="Celery node name (unique per host).")
+           ) -> None:
+    """Run one learner Celery worker."""
+    from arena.launcher import child_env, worker_command
+
+    settings = _settings()
+    _exec(worker_command(sys.executable, f"{name}@%h"), child_env(settings))
+
+
+@app.command()
+def vllm() -> None:
+    """Run one vLLM replica (LoRA enabled) of the base model on ARENA_VLLM_PORT."""
+    from arena.launcher import child_env
+    from core.vllm_server import vllm_command
+
+    settings = _settings()
+    argv, env = vllm_command(settings, settings.base_model_path, settings.vllm_port)
+    _exec(argv, {**env, **{k: v for k, v in child_env(settings).items()
+                         if k.startswith("ARENA_")}})
 
 
 @app.command("merged-replica")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -70,7 +71,8 @@ class ManagedProcess:
 
     def _pump(self, proc: subprocess.Popen, log_file: RotatingLogFile,
               console: Console) -> None:
-        prefix = Text(f"{self.name:>9} |", style=PREFIX_COLOURS.get(self.name, "white"))
+        colour = PREFIX_COLOURS.get(self.name.split("-")[0], "white")
+        prefix = Text(f"{self.name:>11} |", style=colour)
         assert proc.stdout is not None
         with log_file:
             for line in proc.stdout:
@@ -192,11 +194,12 @@ def _redis_ok(url: str) -> Callable[[], bool]:
     return lambda: bool(redis.Redis.from_url(url, socket_timeout=1).ping())
 
 
-def _worker_ok(settings: Settings) -> Callable[[], bool]:
+def _worker_ok(settings: Settings, node: str) -> Callable[[], bool]:
+    """This worker (Celery node `node`, e.g. learner-2@host) answers a ping."""
     def check() -> bool:
         from learner.celery_app import make_celery
 
-        return bool(make_celery(settings).control.ping(timeout=1.0))
+        return bool(make_celery(settings).control.ping(destination=[node], timeout=1.0))
 
     return check
 
@@ -225,7 +228,13 @@ def worker_command(python: str = sys.executable, name: str = "learner@%h") -> li
             "--loglevel", "INFO", "--without-gossip", "--without-mingle", "-n", name]
 
 
+def numbered(name: str, i: int) -> str:
+    """The first of a kind keeps the plain name (its log is logs/<name>.log), then name-2, …"""
+    return name if i == 0 else f"{name}-{i + 1}"
+
+
 def plan_processes(settings: Settings) -> list[ManagedProcess]:
+    """Every process `arena up` runs, in start order, as many of each as the topology says."""
     env = child_env(settings)
     redis_url = settings.effective_redis_url
     processes: list[ManagedProcess] = []
@@ -235,21 +244,27 @@ def plan_processes(settings: Settings) -> list[ManagedProcess]:
         )
         processes.append(ManagedProcess("redis", argv, env, _redis_ok(redis_url), 15))
     if not settings.vllm_urls:
-        argv, vllm_env = vllm_command(settings, settings.base_model_path, settings.vllm_port)
-        vllm_env.update({k: v for k, v in env.items() if k.startswith("ARENA_")})
-        processes.append(
-            ManagedProcess("vllm", argv, vllm_env,
-                           _http_ok(f"http://127.0.0.1:{settings.vllm_port}/health"),
-                           settings.vllm_start_timeout_s)
-        )
+        for i, port in enumerate(settings.launched_vllm_ports):
+            argv, vllm_env = vllm_command(settings, settings.base_model_path, port)
+            vllm_env.update({k: v for k, v in env.items() if k.startswith("ARENA_")})
+            processes.append(ManagedProcess(
+                numbered("vllm", i), argv, vllm_env,
+                _http_ok(f"http://127.0.0.1:{port}/health"), settings.vllm_start_timeout_s))
     python = sys.executable
-    processes.append(ManagedProcess("gateway", gateway_command(settings, python), env,
-                                    _http_ok(f"{settings.gateway_url}/livez"), 60))
-    processes.append(ManagedProcess("worker", worker_command(python), env, _worker_ok(settings),
-                                    90))
-    processes.append(ManagedProcess(
-        "consumers", [python, "-m", "arena.cli", "consumers"], env, lambda: True, 5,
-    ))
+    for i, (port, url) in enumerate(zip(settings.gateway_ports, settings.gateway_urls,
+                                        strict=True)):
+        at_port = settings.model_copy(update={"gateway_port": port})
+        processes.append(ManagedProcess(numbered("gateway", i), gateway_command(at_port, python),
+                                        env, _http_ok(f"{url}/livez"), 60))
+    for i in range(settings.workers):
+        node = numbered("learner", i)  # Celery expands %h to the host name
+        processes.append(ManagedProcess(
+            numbered("worker", i), worker_command(python, f"{node}@%h"), env,
+            _worker_ok(settings, f"{node}@{socket.gethostname()}"), 90))
+    for i in range(settings.consumer_processes):
+        processes.append(ManagedProcess(numbered("consumers", i),
+                                        [python, "-m", "arena.cli", "consumers"], env,
+                                        lambda: True, 5))
     if settings.merged_current:
         processes.append(ManagedProcess(
             "merged", [python, "-m", "arena.cli", "merged-replica"], env, lambda: True, 5,
@@ -283,7 +298,7 @@ def run_stack(settings: Settings, console: Console) -> int:
                 args=(process, Backoff.from_settings(settings), settings.logs_dir, console,
                       stopping),
             ).start()
-        console.print(f"\n[bold green]rlhf-arena is up:[/] {settings.gateway_url}\n"
+        console.print(f"\n[bold green]rlhf-arena is up:[/] {' '.join(settings.gateway_urls)}\n"
                       f"  chat UI {settings.gateway_url}/   API {settings.gateway_url}/v1\n"
                       "  Ctrl-C stops everything.\n")
         while not stopping.wait(0.5):  # with a timeout: signal handlers run in between

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import secrets
 import signal
 import statistics
 import subprocess
@@ -47,12 +46,13 @@ from core.settings import Settings  # noqa: E402
 from core.vllm_server import vllm_command  # noqa: E402
 from deploy.admin_client import AdminClient  # noqa: E402
 from serve.merged_serving import MERGED_KEY, MergedServing  # noqa: E402
-from testkit.net import free_port, wait_http  # noqa: E402
-from testkit.processes import start_arena, start_gateway, stop_group  # noqa: E402
+from testkit.net import wait_http  # noqa: E402
+from testkit.processes import loopback_settings, start_arena, start_gateway, stop_group  # noqa: E402
 from testkit.tiny_model import build_lora_adapter, build_tiny_model  # noqa: E402
 
 PROMPT = [{"role": "user", "content": "Tell me about the sea."}]
 FAILED_BACKOFF_S = 0.1
+BASELINE_PROBES = 5  # requests under the load before any swap: what a swap is measured against
 
 
 
@@ -170,16 +170,10 @@ def main() -> None:
     model_dir = build_tiny_model(work / "tiny") if tiny else Path(args.model)
     if not (model_dir / "config.json").exists():
         sys.exit(f"no model at {model_dir}: run `arena model prepare` or pass --model tiny")
-    vllm_port, redis_port, gw_port = free_port(), free_port(), free_port()
-    vllm_url, gw_url = f"http://127.0.0.1:{vllm_port}", f"http://127.0.0.1:{gw_port}"
-    token = secrets.token_urlsafe(16)
-    settings = Settings(_env_file=None, data_dir=work / "var", base_model=model_dir,
-                        admin_token=token, redis_url=f"redis://127.0.0.1:{redis_port}/0",
-                        vllm_urls=[vllm_url], gateway_port=gw_port, rate_chat_per_session=0,
-                        rate_chat_per_ip=0, archive_chats=False,
-                        vllm_kvcache_gib=1 if tiny else 2,
-                        vllm_max_model_len=512 if tiny else 2048,
-                        merged_ports=[free_port(), free_port()])
+    settings = loopback_settings(work, model_dir, tiny)
+    vllm_port, redis_port = settings.vllm_port, settings.redis_port
+    vllm_url, gw_url = settings.effective_vllm_urls[0], settings.gateway_url
+    token = settings.admin_token.get_secret_value()
     imports = settings.data_dir / "imports"  # an import root: the admin API registers from it
     adapters = [build_lora_adapter(model_dir, imports / f"lora{i}", seed=i) for i in (1, 2, 3)]
     vllm_log = work / "vllm.log"
@@ -213,6 +207,14 @@ def main() -> None:
         swaps = []
         with ChatLoad(gw_url, args.clients, args.max_tokens) as load:
             time.sleep(args.settle_s)
+            # The baseline: the same request under the same load, no swap anywhere near.
+            baseline = []
+            for _ in range(BASELINE_PROBES):
+                sent = time.monotonic()
+                _, token_at, done_at = probe(gw_url, args.max_tokens)
+                baseline.append((token_at - sent, done_at - sent))
+            figures["baseline_first_token_s"] = statistics.median(b[0] for b in baseline)
+            figures["baseline_response_s"] = statistics.median(b[1] for b in baseline)
             for i, (action, new) in enumerate(plan):
                 called = time.monotonic()
                 result = admin.promote(new) if action == "promote" else admin.rollback()
@@ -272,6 +274,10 @@ def report(figures: dict) -> None:
           f"{figures['max_tokens']} tokens/request, request p50 "
           f"{figures['request_latency_p50_s']:.3f} s under load")
     print(f"  {'':<34}{'median':>10}{'max':>10}")
+    if "baseline_first_token_s" in figures:
+        print(f"  baseline, the same request under the same load with no swap: first token "
+              f"{figures['baseline_first_token_s']:.3f} s, whole answer "
+              f"{figures['baseline_response_s']:.3f} s (median of {BASELINE_PROBES})")
     for key, label in (("promote_call_s", "promote call (load + flip)"),
                        ("to_first_token_s", "promote -> first token, new"),
                        ("to_first_response_s", "promote -> whole response, new"),

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import secrets
 import signal
 import statistics
 import subprocess
@@ -36,13 +35,12 @@ sys.path.insert(0, str(ROOT))
 
 from arena.redis_server import start_redis  # noqa: E402
 from benchmarks.serve_overhead import load_run  # noqa: E402
-from core.settings import Settings  # noqa: E402
 from core.vllm_server import vllm_command  # noqa: E402
 from deploy.admin_client import AdminClient  # noqa: E402
 from learner.presets import DEFAULT_LORA_TARGETS  # noqa: E402
 from serve.merged_serving import MERGED_KEY, MergedServing  # noqa: E402
-from testkit.net import free_port, wait_http  # noqa: E402
-from testkit.processes import start_arena, start_gateway, stop_group  # noqa: E402
+from testkit.net import wait_http  # noqa: E402
+from testkit.processes import loopback_settings, start_arena, start_gateway, stop_group  # noqa: E402
 from testkit.tiny_model import build_lora_adapter, build_tiny_model  # noqa: E402
 
 LEARNER_RANK = 16  # the cpu/gpu presets' policy adapters
@@ -96,16 +94,10 @@ def main() -> None:
     model_dir = build_tiny_model(work / "tiny") if tiny else Path(args.model)
     if not (model_dir / "config.json").exists():
         sys.exit(f"no model at {model_dir}: run `arena model prepare` or pass --model tiny")
-    vllm_port, redis_port, gw_port = free_port(), free_port(), free_port()
-    vllm_url, gw_url = f"http://127.0.0.1:{vllm_port}", f"http://127.0.0.1:{gw_port}"
-    token = secrets.token_urlsafe(16)
-    settings = Settings(_env_file=None, data_dir=work / "var", base_model=model_dir,
-                        admin_token=token, redis_url=f"redis://127.0.0.1:{redis_port}/0",
-                        vllm_urls=[vllm_url], gateway_port=gw_port, rate_chat_per_session=0,
-                        rate_chat_per_ip=0, archive_chats=False,
-                        vllm_kvcache_gib=1 if tiny else 2,
-                        vllm_max_model_len=512 if tiny else 2048,
-                        merged_ports=[free_port(), free_port()])
+    settings = loopback_settings(work, model_dir, tiny)
+    vllm_port, redis_port = settings.vllm_port, settings.redis_port
+    vllm_url, gw_url = settings.effective_vllm_urls[0], settings.gateway_url
+    token = settings.admin_token.get_secret_value()
     procs: list[subprocess.Popen] = [start_redis(redis_port, work / "redis", "everysec")]
     figures: dict = {"model": str(model_dir), "concurrency": args.concurrency,
                      "max_tokens": args.max_tokens}

@@ -31,10 +31,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from arena.redis_server import start_redis  # noqa: E402
-from core.settings import Settings  # noqa: E402
 from core.vllm_server import vllm_command  # noqa: E402
-from testkit.net import free_port, wait_http  # noqa: E402
-from testkit.processes import start_gateway, stop_group  # noqa: E402
+from testkit.net import wait_http  # noqa: E402
+from testkit.processes import loopback_settings, start_gateway, stop_group  # noqa: E402
 from testkit.tiny_model import build_lora_adapter, build_tiny_model  # noqa: E402
 
 PROMPTS = [
@@ -161,13 +160,11 @@ def main() -> None:
     model_dir = build_tiny_model(work / "tiny") if args.model == "tiny" else Path(args.model)
     if not (model_dir / "config.json").exists():
         sys.exit(f"no model at {model_dir}: run `arena model prepare` or pass --model tiny")
-    vllm_port, redis_port, gw_port = free_port(), free_port(), free_port()
-    vllm_url = f"http://127.0.0.1:{vllm_port}"
-    settings = Settings(_env_file=None, data_dir=work / "var", base_model=model_dir,
-                        redis_url=f"redis://127.0.0.1:{redis_port}/0", vllm_urls=[vllm_url],
-                        gateway_port=gw_port, vllm_max_loras=args.max_loras,
-                        vllm_max_lora_rank=args.max_lora_rank, rate_chat_per_session=0,
-                        rate_chat_per_ip=0, archive_chats=False)
+    settings = loopback_settings(work, model_dir, args.model == "tiny",
+                                 vllm_max_loras=args.max_loras,
+                                 vllm_max_lora_rank=args.max_lora_rank)
+    vllm_port, redis_port, gw_port = settings.vllm_port, settings.redis_port, settings.gateway_port
+    vllm_url = settings.effective_vllm_urls[0]
     procs: list[subprocess.Popen] = []
     try:
         argv, env = vllm_command(settings, model_dir, vllm_port)

@@ -12,7 +12,14 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, IPvAnyNetwork, SecretStr, ValidationInfo, field_validator
+from pydantic import (
+    Field,
+    IPvAnyNetwork,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SECRET_FIELDS = ("admin_token", "session_secret")
@@ -41,9 +48,15 @@ class Settings(BaseSettings):
         False, description="Let the gateway start on a Redis that can lose accepted votes (no AOF, an evicting maxmemory-policy, or CONFIG refused)."
     )
 
+    # --- topology: how many of each part `arena up` runs on this host (docs/deploy.md) ------
+    gateways: int = Field(1, ge=1, description="Gateway processes, on gateway_port, gateway_port+1, … (a load balancer in front spreads users over them).")
+    vllm_replicas: int = Field(1, ge=1, description="vLLM replicas the launcher starts when ARENA_VLLM_URLS is empty, on vllm_port, vllm_port+1, …")
+    workers: int = Field(1, ge=1, description="Learner Celery workers (one task each; only one iteration runs at a time, another worker takes over a dead one's task).")
+    consumer_processes: int = Field(1, ge=1, description="Feedback consumer processes; each joins every consumer group, so they share the streams.")
+
     # --- gateway -------------------------------------------------------------------------
     gateway_host: str = Field("127.0.0.1", description="Address the gateway listens on.")
-    gateway_port: int = Field(8000, description="Port of the gateway (the URL users open).")
+    gateway_port: int = Field(8000, description="Port of the (first) gateway (the URL users open).")
     admin_token: SecretStr | None = Field(
         None, description="Bearer token for operator actions (generated into the data dir if unset; empty is refused)."
     )
@@ -104,10 +117,10 @@ class Settings(BaseSettings):
     worker_check_interval_s: float = Field(10.0, description="How often /healthz pings Celery.")
 
     # --- vLLM ----------------------------------------------------------------------------
-    vllm_port: int = Field(8100, description="Port of the vLLM server the launcher starts.")
+    vllm_port: int = Field(8100, description="Port of the (first) vLLM replica the launcher starts.")
     vllm_urls: list[str] = Field(
         default_factory=list,
-        description="Base URLs of vLLM replicas (JSON list); empty = the one the launcher starts.",
+        description="Base URLs of vLLM replicas (JSON list); empty = the ones the launcher starts.",
     )
     vllm_dtype: str = Field("auto", description="vLLM --dtype; auto: bfloat16 on a CPU with native bf16 (AVX512-BF16/AMX, ~40 % faster than float32), float32 on other CPUs (bf16 is emulated there, several times slower), vLLM's own choice on a GPU.")
     vllm_kvcache_gib: int = Field(2, description="VLLM_CPU_KVCACHE_SPACE for the CPU build.")
@@ -117,7 +130,7 @@ class Settings(BaseSettings):
     vllm_extra_args: list[str] = Field(default_factory=list, description="Extra vLLM arguments (JSON list).")
     vllm_start_timeout_s: float = Field(300.0, description="How long the launcher waits for vLLM to answer.")
     merged_current: bool = Field(True, description="Serve the current policy version from its merged weights on a replica of its own (blue/green: started beside the LoRA replicas, traffic moved once healthy, the old one drained); the LoRA path serves it meanwhile and whenever that replica is down. Off: every version on the LoRA path.")
-    merged_ports: list[int] = Field(default_factory=lambda: [8101, 8102], min_length=2, description="Ports the merged-weights replicas take turns on (JSON list of two or more: the next one starts while the last one serves).")
+    merged_ports: list[int] = Field(default_factory=lambda: [8180, 8181], min_length=2, description="Ports the merged-weights replicas take turns on (JSON list of two or more: the next one starts while the last one serves).")
     merged_enforce_eager: bool | None = Field(None, description="Start merged replicas with vLLM's --enforce-eager; unset: on a CPU only (measured on SmolLM2: starts in 26 s instead of 71 s, and under load in minutes less, at 8 % fewer tokens/s), not on a GPU (CUDA graphs).")
     merged_drain_s: float = Field(120.0, gt=0, description="How long a merged replica that was replaced may finish its running answers before it is stopped.")
 
@@ -219,6 +232,34 @@ class Settings(BaseSettings):
                              f"ARENA_STREAM_REPLAY_WINDOW_S ({window})")
         return value
 
+    @model_validator(mode="after")
+    def _ports_do_not_overlap(self) -> Settings:
+        # Ranges of the parts the launcher starts: a clash would only show as a start failure.
+        taken: dict[int, str] = {}
+        parts = [("redis", [self.redis_port]), ("gateway", self.gateway_ports),
+                 ("merged replica", self.merged_ports)]
+        if not self.vllm_urls:
+            parts.append(("vLLM replica", self.launched_vllm_ports))
+        for part, ports in parts:
+            for port in ports:
+                if port in taken:
+                    raise ValueError(f"port {port} is given to both the {taken[port]} and a "
+                                     f"{part}: move ARENA_*_PORT(S) apart")
+                taken[port] = part
+        return self
+
+    @property
+    def gateway_ports(self) -> list[int]:
+        return [self.gateway_port + i for i in range(self.gateways)]
+
+    @property
+    def gateway_urls(self) -> list[str]:
+        return [f"http://{self.gateway_host}:{port}" for port in self.gateway_ports]
+
+    @property
+    def launched_vllm_ports(self) -> list[int]:
+        return [self.vllm_port + i for i in range(self.vllm_replicas)]
+
     @property
     def base_model_path(self) -> Path:
         return self.base_model if self.base_model is not None else self.data_dir / "models" / "base"
@@ -248,7 +289,7 @@ class Settings(BaseSettings):
 
     @property
     def effective_vllm_urls(self) -> list[str]:
-        return self.vllm_urls or [f"http://127.0.0.1:{self.vllm_port}"]
+        return self.vllm_urls or [f"http://127.0.0.1:{port}" for port in self.launched_vllm_ports]
 
     @property
     def effective_archive_url(self) -> str:

@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any, Literal
 
+import redis
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
@@ -43,6 +45,13 @@ from deploy.decision import auto_promote_paused, set_auto_promote_paused
 from deploy.registry import Registry, UnknownVersion, VersionRecord
 from deploy.states import TransitionError
 from feedback.voter_scores import top_voters
+from learner.trigger import (
+    cancel_iteration,
+    is_paused,
+    learner_status,
+    set_paused,
+    start_iteration,
+)
 from serve import replicas
 from serve.deps import gateway_state, require_admin
 from serve.errors import APIError
@@ -155,8 +164,6 @@ async def retire_version(version: str, request: Request,
 
 # --- the loop: learner and auto-promotion controls ----------------------------------------
 async def _learner_status(request: Request) -> dict[str, Any]:
-    from learner.trigger import learner_status
-
     return await asyncio.to_thread(learner_status, gateway_state(request).settings)
 
 
@@ -169,8 +176,6 @@ async def learner_state(request: Request) -> dict[str, Any]:
 async def learner_control(action: Literal["start", "pause", "resume", "cancel"],
                           request: Request, actor: str = Depends(require_admin)
                           ) -> dict[str, Any]:
-    from learner.trigger import cancel_iteration, is_paused, set_paused, start_iteration
-
     registry = registry_of(request)
     if action == "start":
         started = await asyncio.to_thread(start_iteration, gateway_state(request).settings,
@@ -187,22 +192,26 @@ async def learner_control(action: Literal["start", "pause", "resume", "cancel"],
         registry.audit("cancel", None, actor=actor, before=f"task={result['cancelled']}",
                        after=result["state"])
         return {**await _learner_status(request), "cancel": result}
-    before = await asyncio.to_thread(is_paused, registry.redis)
-    await asyncio.to_thread(set_paused, registry.redis, action == "pause")
-    registry.audit(f"learner-{action}", None, actor=actor, before=f"paused={before}",
-                   after=f"paused={action == 'pause'}")
+    await _pause_or_resume(registry, actor, "learner", action, is_paused, set_paused)
     return await _learner_status(request)
 
 
 @router.post("/auto-promote/{action}")
 async def auto_promote_control(action: Literal["pause", "resume"], request: Request,
                                actor: str = Depends(require_admin)) -> dict[str, Any]:
-    registry = registry_of(request)
-    before = await asyncio.to_thread(auto_promote_paused, registry.redis)
-    await asyncio.to_thread(set_auto_promote_paused, registry.redis, action == "pause")
-    registry.audit(f"auto-promote-{action}", None, actor=actor, before=f"paused={before}",
-                   after=f"paused={action == 'pause'}")
+    await _pause_or_resume(registry_of(request), actor, "auto-promote", action,
+                           auto_promote_paused, set_auto_promote_paused)
     return await _learner_status(request)
+
+
+async def _pause_or_resume(registry: Registry, actor: str, what: str, action: str,
+                           read: Callable[[redis.Redis], bool],
+                           write: Callable[[redis.Redis, bool], None]) -> None:
+    """Set a pause flag (the learner's, the loop's decisions') and audit the change."""
+    before = await asyncio.to_thread(read, registry.redis)
+    await asyncio.to_thread(write, registry.redis, action == "pause")
+    registry.audit(f"{what}-{action}", None, actor=actor, before=f"paused={before}",
+                   after=f"paused={action == 'pause'}")
 
 
 @router.get("/voters")

@@ -16,6 +16,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int) -> int:
+    """The first of `n` consecutive TCP ports on 127.0.0.1 that are free right now (for a
+    topology whose parts take port, port+1, …)."""
+    while True:
+        first = free_port()
+        sockets: list[socket.socket] = []
+        try:
+            for port in range(first, first + n):
+                sock = socket.socket()
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+
+
 def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
     """Wait until `url` answers 200; fail early if `proc` (the server) exits."""
     deadline = time.monotonic() + timeout

@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,30 +135,47 @@ class Stack:
         return Path(self.env["ARENA_DATA_DIR"])
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Stack]:
-    """One `arena up` for the module, archiving into a fresh PostgreSQL schema."""
+@contextmanager
+def archive_schema() -> Iterator[str]:
+    """The archive URL of a fresh PostgreSQL schema, dropped afterwards."""
     engine = create_engine(POSTGRES_URL)
     schema = f"t_{uuid.uuid4().hex[:10]}"
     with engine.begin() as conn:
         conn.execute(text(f"CREATE SCHEMA {schema}"))
-    archive_url = f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
-    env = stack_env(
-        tmp_path_factory.mktemp("stack"), tiny_model_dir, ARENA_ARCHIVE_URL=archive_url,
-        # Load without limits or training; a restarted archiver re-claims a dead one's
-        # unacknowledged votes after 2 s instead of 30.
-        ARENA_RATE_CHAT_PER_SESSION="0", ARENA_RATE_BATTLE_PER_SESSION="0",
-        ARENA_RATE_VOTE_PER_SESSION="0", ARENA_LEARN_EVERY_VOTES="1000000000",
-        ARENA_STREAM_CLAIM_IDLE_MS="2000", ARENA_RESTART_BACKOFF_S="0.5",
-    )
+    try:
+        yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+    finally:
+        with engine.begin() as conn:
+            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        engine.dispose()
+
+
+@contextmanager
+def launched(env: dict[str, str]) -> Iterator[Launcher]:
+    """`arena up` with `env`, stopped (SIGTERM) at the end if it still runs."""
     launcher = Launcher(env)
-    yield Stack(env, launcher, archive_url)
-    if launcher.proc.poll() is None:
-        launcher.proc.send_signal(signal.SIGTERM)
-        launcher.proc.wait(timeout=60)
-    with engine.begin() as conn:
-        conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-    engine.dispose()
+    try:
+        yield launcher
+    finally:
+        if launcher.proc.poll() is None:
+            launcher.proc.send_signal(signal.SIGTERM)
+            launcher.proc.wait(timeout=90)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Stack]:
+    """One `arena up` for the module, archiving into a fresh PostgreSQL schema."""
+    with archive_schema() as archive_url:
+        env = stack_env(
+            tmp_path_factory.mktemp("stack"), tiny_model_dir, ARENA_ARCHIVE_URL=archive_url,
+            # Load without limits or training; a restarted archiver re-claims a dead one's
+            # unacknowledged votes after 2 s instead of 30.
+            ARENA_RATE_CHAT_PER_SESSION="0", ARENA_RATE_BATTLE_PER_SESSION="0",
+            ARENA_RATE_VOTE_PER_SESSION="0", ARENA_LEARN_EVERY_VOTES="1000000000",
+            ARENA_STREAM_CLAIM_IDLE_MS="2000", ARENA_RESTART_BACKOFF_S="0.5",
+        )
+        with launched(env) as launcher:
+            yield Stack(env, launcher, archive_url)
 
 
 def test_up_serves_the_openai_client(stack: Stack):
@@ -174,8 +192,25 @@ def test_up_serves_the_openai_client(stack: Stack):
     assert (stack.data_dir / "redis" / "appendonlydir").exists()  # AOF persistence on
 
 
+class ClientThreads:
+    """Client threads (`self.threads`) that run from `with` until its end (`self.stop`)."""
+
+    threads: list[threading.Thread]
+    stop: threading.Event
+
+    def __enter__(self) -> ClientThreads:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=120)
+
+
 @dataclass
-class Load:
+class Load(ClientThreads):
     """Chat and battle + vote traffic through the gateway, as two client threads; records
     each chat's outcome and the battle id of every vote answered 2xx."""
 
@@ -190,16 +225,6 @@ class Load:
     def __post_init__(self) -> None:
         self.threads = [threading.Thread(target=self._chat, daemon=True),
                         threading.Thread(target=self._vote, daemon=True)]
-
-    def __enter__(self) -> Load:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(timeout=60)
 
     def _chat(self) -> None:
         with httpx.Client(base_url=self.url, timeout=30) as http:

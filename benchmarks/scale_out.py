@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from feedback.archive import Archive  # noqa: E402
-from testkit.net import free_port, free_ports  # noqa: E402
+from testkit.net import free_port_ranges  # noqa: E402
 from testkit.processes import stop_group  # noqa: E402
 from testkit.tiny_model import build_tiny_model  # noqa: E402
 
@@ -51,11 +51,11 @@ class Figures:
 
 def start_stack(work: Path, model_dir: Path, gateways: int, replicas: int
                 ) -> tuple[subprocess.Popen, list[str]]:
-    gateway_port, vllm_port = free_ports(gateways), free_ports(replicas)
+    gateway_port, vllm_port, redis_port = free_port_ranges(gateways, replicas, 1)
     env = {k: v for k, v in os.environ.items() if not k.startswith("ARENA_")}
     env.update({
         "ARENA_DATA_DIR": str(work / "var"), "ARENA_BASE_MODEL": str(model_dir),
-        "ARENA_REDIS_PORT": str(free_port()), "ARENA_GATEWAY_PORT": str(gateway_port),
+        "ARENA_REDIS_PORT": str(redis_port), "ARENA_GATEWAY_PORT": str(gateway_port),
         "ARENA_VLLM_PORT": str(vllm_port), "ARENA_GATEWAYS": str(gateways),
         "ARENA_VLLM_REPLICAS": str(replicas), "ARENA_VLLM_KVCACHE_GIB": "1",
         "ARENA_VLLM_MAX_MODEL_LEN": "512", "ARENA_MERGED_CURRENT": "false",

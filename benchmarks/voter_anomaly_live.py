@@ -38,7 +38,7 @@ from crowd.judges import get_judge  # noqa: E402
 from crowd.prompts import load_prompts  # noqa: E402
 from crowd.simulate import CrowdPlan, CrowdSummary, run_crowd  # noqa: E402
 from feedback.archive import Archive  # noqa: E402
-from testkit.net import free_port  # noqa: E402
+from testkit.net import free_port_ranges  # noqa: E402
 
 HONEST_JUDGE = "key_noun_noisy"
 STUFFER_KINDS = ("random_votes", "always_a")
@@ -50,9 +50,10 @@ WARMUP_SETTLE_S = 20.0  # for the ratings refit after the warm-up crowd
 @contextlib.contextmanager
 def stack(data_dir: Path) -> Iterator[Settings]:
     """`arena up` on `data_dir` and free ports, until the gateway answers; stopped after."""
+    gateway_port, vllm_port, redis_port = free_port_ranges(1, 1, 1)
     env = {**os.environ, "ARENA_DATA_DIR": str(data_dir), "ARENA_LEARN_EVERY_VOTES": "1000000",
-           "ARENA_GATEWAY_PORT": str(free_port()), "ARENA_VLLM_PORT": str(free_port()),
-           "ARENA_REDIS_PORT": str(free_port())}
+           "ARENA_GATEWAY_PORT": str(gateway_port), "ARENA_VLLM_PORT": str(vllm_port),
+           "ARENA_REDIS_PORT": str(redis_port)}
     data_dir.mkdir(parents=True)
     for key in ("ARENA_GATEWAY_URL", "ARENA_REDIS_URL", "ARENA_ARCHIVE_URL"):
         env.pop(key, None)

@@ -16,23 +16,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def free_ports(n: int) -> int:
-    """The first of `n` consecutive TCP ports on 127.0.0.1 that are free right now (for a
-    topology whose parts take port, port+1, …)."""
-    while True:
-        first = free_port()
-        sockets: list[socket.socket] = []
-        try:
-            for port in range(first, first + n):
-                sock = socket.socket()
-                sockets.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return first
-        except OSError:
-            continue
-        finally:
-            for sock in sockets:
-                sock.close()
+def free_port_ranges(*sizes: int) -> list[int]:
+    """For each size n, the first of n consecutive TCP ports on 127.0.0.1, all free right now
+    and no two ranges overlapping: every port is held until all are chosen (the OS may hand
+    the same free port to two `free_port` calls in a row). A topology's parts take port,
+    port+1, …: `gateway, vllm, redis = free_port_ranges(2, 2, 1)`."""
+    held: list[socket.socket] = []
+    firsts: list[int] = []
+    try:
+        for size in sizes:
+            while True:
+                block: list[socket.socket] = []
+                try:
+                    first = free_port()
+                    for port in range(first, first + size):
+                        sock = socket.socket()
+                        block.append(sock)
+                        sock.bind(("127.0.0.1", port))
+                except OSError:
+                    for sock in block:
+                        sock.close()
+                    continue
+                held.extend(block)
+                firsts.append(first)
+                break
+        return firsts
+    finally:
+        for sock in held:
+            sock.close()
 
 
 def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:

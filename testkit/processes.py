@@ -17,7 +17,7 @@ from pydantic import SecretStr
 
 from arena.launcher import gateway_command, worker_command
 from core.settings import Settings
-from testkit.net import free_port
+from testkit.net import free_port_ranges
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,10 +26,11 @@ def loopback_settings(work: Path, model_dir: Path, tiny: bool, **overrides: Any)
     """A stack of our own on loopback, as the serving benchmarks run it: free ports for Redis
     (`redis_port`), one vLLM replica (`vllm_port`), the gateway and two merged replicas; a
     fresh operator token; rate limits and chat archiving off (they would measure themselves)."""
+    redis_port, vllm_port, gateway_port, *merged_ports = free_port_ranges(1, 1, 1, 1, 1)
     values: dict[str, Any] = dict(
         data_dir=work / "var", base_model=model_dir, admin_token=secrets.token_urlsafe(16),
-        redis_port=free_port(), vllm_port=free_port(), gateway_port=free_port(),
-        merged_ports=[free_port(), free_port()], rate_chat_per_session=0, rate_chat_per_ip=0,
+        redis_port=redis_port, vllm_port=vllm_port, gateway_port=gateway_port,
+        merged_ports=merged_ports, rate_chat_per_session=0, rate_chat_per_ip=0,
         archive_chats=False, vllm_kvcache_gib=1 if tiny else 2,
         vllm_max_model_len=512 if tiny else 2048)
     return Settings(_env_file=None, **{**values, **overrides})

@@ -27,8 +27,9 @@ from rich.console import Console
 from sqlalchemy import create_engine, text
 
 from arena.launcher import Backoff, ManagedProcess
-from conftest import POSTGRES_URL, free_port
+from conftest import POSTGRES_URL
 from feedback.archive import Archive
+from testkit.net import free_port_ranges
 
 pytestmark = pytest.mark.slow  # starts the whole stack
 
@@ -41,12 +42,16 @@ CHAT = {"model": "current", "messages": [{"role": "user", "content": "Hi"}], "ma
 BATTLE = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}
 
 
-def stack_env(tmp_path: Path, tiny_model_dir: Path, **extra: str) -> dict[str, str]:
+def stack_env(tmp_path: Path, tiny_model_dir: Path, gateways: int = 1, replicas: int = 1,
+              **extra: str) -> dict[str, str]:
+    """`arena up`'s environment on free ports: `gateways` and `replicas` consecutive ones."""
+    redis_port, vllm_port, gateway_port = free_port_ranges(1, replicas, gateways)
     env = {k: v for k, v in os.environ.items() if not k.startswith("ARENA_")}
     env.update({
         "ARENA_DATA_DIR": str(tmp_path / "var"), "ARENA_BASE_MODEL": str(tiny_model_dir),
-        "ARENA_REDIS_PORT": str(free_port()), "ARENA_VLLM_PORT": str(free_port()),
-        "ARENA_GATEWAY_PORT": str(free_port()), "ARENA_VLLM_KVCACHE_GIB": "1",
+        "ARENA_REDIS_PORT": str(redis_port), "ARENA_VLLM_PORT": str(vllm_port),
+        "ARENA_GATEWAY_PORT": str(gateway_port), "ARENA_GATEWAYS": str(gateways),
+        "ARENA_VLLM_REPLICAS": str(replicas), "ARENA_VLLM_KVCACHE_GIB": "1",
         "ARENA_VLLM_MAX_MODEL_LEN": "512", "ARENA_LEARNER_PRESET": "tiny", "COLUMNS": "200",
         **extra,
     })

@@ -34,7 +34,6 @@ from test_launcher import (
 
 from deploy.admin_client import AdminClient
 from learner.celery_app import make_celery
-from testkit.net import free_ports
 from testkit.tiny_model import build_lora_adapter
 
 pytestmark = pytest.mark.slow  # starts two vLLM replicas and the whole stack twice over
@@ -74,10 +73,9 @@ class ScaledStack:
 def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[ScaledStack]:
     with archive_schema() as archive_url:
         env = stack_env(
-            tmp_path_factory.mktemp("scaled"), tiny_model_dir, ARENA_ARCHIVE_URL=archive_url,
-            ARENA_GATEWAYS="2", ARENA_VLLM_REPLICAS="2", ARENA_WORKERS="2",
-            ARENA_CONSUMER_PROCESSES="2", ARENA_GATEWAY_PORT=str(free_ports(2)),
-            ARENA_VLLM_PORT=str(free_ports(2)), ARENA_MERGED_CURRENT="false",
+            tmp_path_factory.mktemp("scaled"), tiny_model_dir, gateways=2, replicas=2,
+            ARENA_ARCHIVE_URL=archive_url, ARENA_WORKERS="2", ARENA_CONSUMER_PROCESSES="2",
+            ARENA_MERGED_CURRENT="false",
             ARENA_RATE_CHAT_PER_SESSION="0", ARENA_RATE_BATTLE_PER_SESSION="0",
             ARENA_RATE_VOTE_PER_SESSION="0", ARENA_LEARN_EVERY_VOTES="1000000000",
             ARENA_STREAM_CLAIM_IDLE_MS="2000", ARENA_RESTART_BACKOFF_S="0.5",

@@ -92,3 +92,20 @@ def test_settings_travel_to_a_child_process_unchanged(tmp_path, monkeypatch):
     assert child.model_dump() == settings.model_dump()
     assert isinstance(child.admin_token, SecretStr)
     assert child.admin_token.get_secret_value() == "t0ken"
+
+
+def test_topology_ports_must_not_overlap():
+    import pytest
+    from pydantic import ValidationError
+
+    from core.settings import Settings
+
+    two = Settings(_env_file=None, gateways=2, vllm_replicas=3)
+    assert two.gateway_urls == ["http://127.0.0.1:8000", "http://127.0.0.1:8001"]
+    assert two.effective_vllm_urls == [f"http://127.0.0.1:{p}" for p in (8100, 8101, 8102)]
+    with pytest.raises(ValidationError, match="port 8100 is given to both the gateway"):
+        Settings(_env_file=None, gateway_port=8099, gateways=2)
+    with pytest.raises(ValidationError, match="port 8180 is given to both"):
+        Settings(_env_file=None, vllm_port=8180)
+    # Replicas started elsewhere (ARENA_VLLM_URLS) take no port here.
+    assert Settings(_env_file=None, vllm_port=8180, vllm_urls=["http://10.0.0.5:8180"])

@@ -245,7 +245,8 @@ def plan_processes(settings: Settings) -> list[ManagedProcess]:
         processes.append(ManagedProcess("redis", argv, env, _redis_ok(redis_url), 15))
     if not settings.vllm_urls:
         for i, port in enumerate(settings.launched_vllm_ports):
-            argv, vllm_env = vllm_command(settings, settings.base_model_path, port)
+            argv, vllm_env = vllm_command(settings, settings.base_model_path, port,
+                                          shares_cores=settings.vllm_replicas > 1)
             vllm_env.update({k: v for k, v in env.items() if k.startswith("ARENA_")})
             processes.append(ManagedProcess(
                 numbered("vllm", i), argv, vllm_env,

@@ -197,7 +197,8 @@ class MergedReplicaManager:
 
     def start(self, version: str, folder: Path, port: int) -> RunningReplica:
         """Start a replica on `folder` and wait until it answers (RuntimeError if not)."""
-        argv, env = vllm_command(self.settings, folder, port, served_name=version, lora=False)
+        argv, env = vllm_command(self.settings, folder, port, served_name=version, lora=False,
+                                 shares_cores=not has_nvidia_gpu())
         eager = self.settings.merged_enforce_eager
         if eager or (eager is None and not has_nvidia_gpu()):
             argv.append("--enforce-eager")  # no compile warm-up: up in seconds, not minutes

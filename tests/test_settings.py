@@ -109,3 +109,17 @@ def test_topology_ports_must_not_overlap():
         Settings(_env_file=None, vllm_port=8180)
     # Replicas started elsewhere (ARENA_VLLM_URLS) take no port here.
     assert Settings(_env_file=None, vllm_port=8180, vllm_urls=["http://10.0.0.5:8180"])
+
+
+def test_vllm_engines_sharing_cores_are_not_pinned(monkeypatch, tmp_path):
+    from core.settings import Settings
+    from core.vllm_server import vllm_command
+
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    settings = Settings(_env_file=None)
+    assert vllm_command(settings, tmp_path, 8100)[1]["VLLM_CPU_OMP_THREADS_BIND"] == "auto"
+    shared = vllm_command(settings, tmp_path, 8101, shares_cores=True)[1]
+    assert shared["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # an operator's own binding wins
+    assert vllm_command(settings, tmp_path, 8101, shares_cores=True)[1][
+        "VLLM_CPU_OMP_THREADS_BIND"] == "0|1"

@@ -24,6 +24,7 @@ from rich.text import Text
 
 from arena.logfiles import RotatingLogFile
 from arena.redis_server import redis_server_command
+from core.hardware import core_shares
 from core.settings import Settings
 from core.vllm_server import vllm_command
 
@@ -244,9 +245,13 @@ def plan_processes(settings: Settings) -> list[ManagedProcess]:
         )
         processes.append(ManagedProcess("redis", argv, env, _redis_ok(redis_url), 15))
     if not settings.vllm_urls:
+        # Several replicas on this machine: each its own share of the cores (or none pinned).
+        shares = core_shares(settings.vllm_replicas) if settings.vllm_replicas > 1 else None
         for i, port in enumerate(settings.launched_vllm_ports):
+            omp_bind = "auto" if settings.vllm_replicas == 1 else (
+                shares[i] if shares else "nobind")
             argv, vllm_env = vllm_command(settings, settings.base_model_path, port,
-                                          shares_cores=settings.vllm_replicas > 1)
+                                          omp_bind=omp_bind)
             vllm_env.update({k: v for k, v in env.items() if k.startswith("ARENA_")})
             processes.append(ManagedProcess(
                 numbered("vllm", i), argv, vllm_env,

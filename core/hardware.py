@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import cache
 from pathlib import Path
 
@@ -22,3 +23,14 @@ def cpu_has_bf16() -> bool:
 
 def has_nvidia_gpu() -> bool:
     return Path("/dev/nvidia0").exists()
+
+
+def core_shares(n: int) -> list[str] | None:
+    """This process's CPU cores split into `n` disjoint lists ("0-3", "4-7", … as vLLM's
+    VLLM_CPU_OMP_THREADS_BIND takes them), one per engine on this machine; None when there are
+    fewer cores than engines."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < n:
+        return None
+    size = len(cores) // n
+    return [",".join(str(c) for c in cores[i * size:(i + 1) * size]) for i in range(n)]

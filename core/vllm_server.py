@@ -29,11 +29,12 @@ def serving_dtype(setting: str) -> str:
 
 def vllm_command(
     settings: Settings, model_dir: Path, port: int, max_model_len: int | None = None,
-    served_name: str = BASE_SERVED_NAME, lora: bool = True, shares_cores: bool = False,
+    served_name: str = BASE_SERVED_NAME, lora: bool = True, omp_bind: str = "auto",
 ) -> tuple[list[str], dict[str, str]]:
     """A LoRA replica (the base under `base`, adapters loaded by name), or with `lora` off a
     replica of one merged version under its own name (serve/merged_replica.py).
-    `shares_cores`: another vLLM engine computes on this machine's CPU cores too."""
+    `omp_bind`: the cores its CPU threads are pinned to (VLLM_CPU_OMP_THREADS_BIND: "auto" =
+    all, a list such as "0,1", or "nobind"), unless the environment says otherwise."""
     lora_args = ["--enable-lora", "--max-lora-rank", str(settings.vllm_max_lora_rank),
                  "--max-loras", str(settings.vllm_max_loras)] if lora else []
     argv = [
@@ -57,11 +58,10 @@ def vllm_command(
             "VLLM_CPU_KVCACHE_SPACE": str(settings.vllm_kvcache_gib),
             # By default one core is reserved and computation runs on the other.
             "VLLM_CPU_NUM_OF_RESERVED_CPU": env.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "0"),
-            # It pins its OpenMP threads to those cores; two engines pinned to the same cores
-            # starve each other (an engine starting beside a busy one was seen stuck for
-            # minutes after its thread binding): engines that share cores are not pinned.
-            "VLLM_CPU_OMP_THREADS_BIND": env.get("VLLM_CPU_OMP_THREADS_BIND",
-                                                 "nobind" if shares_cores else "auto"),
+            # It pins its OpenMP threads to those cores. Two engines pinned to the same cores
+            # starve each other (one starting beside a busy one stalled for minutes after its
+            # thread binding): engines on one machine get disjoint cores, or none pinned.
+            "VLLM_CPU_OMP_THREADS_BIND": env.get("VLLM_CPU_OMP_THREADS_BIND", omp_bind),
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1",
             "VLLM_NO_USAGE_STATS": "1",

@@ -197,8 +197,9 @@ class MergedReplicaManager:
 
     def start(self, version: str, folder: Path, port: int) -> RunningReplica:
         """Start a replica on `folder` and wait until it answers (RuntimeError if not)."""
+        # Beside the LoRA replicas on the same cores: unpinned (see core/vllm_server.py).
         argv, env = vllm_command(self.settings, folder, port, served_name=version, lora=False,
-                                 shares_cores=not has_nvidia_gpu())
+                                 omp_bind="auto" if has_nvidia_gpu() else "nobind")
         eager = self.settings.merged_enforce_eager
         if eager or (eager is None and not has_nvidia_gpu()):
             argv.append("--enforce-eager")  # no compile warm-up: up in seconds, not minutes

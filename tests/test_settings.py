@@ -111,15 +111,21 @@ def test_topology_ports_must_not_overlap():
     assert Settings(_env_file=None, vllm_port=8180, vllm_urls=["http://10.0.0.5:8180"])
 
 
-def test_vllm_engines_sharing_cores_are_not_pinned(monkeypatch, tmp_path):
+def test_vllm_engines_on_one_machine_get_their_own_cores(monkeypatch, tmp_path):
+    from arena.launcher import plan_processes
+    from core import hardware
     from core.settings import Settings
     from core.vllm_server import vllm_command
 
     monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
-    settings = Settings(_env_file=None)
+    settings = Settings(_env_file=None, data_dir=tmp_path, base_model=tmp_path)
     assert vllm_command(settings, tmp_path, 8100)[1]["VLLM_CPU_OMP_THREADS_BIND"] == "auto"
-    shared = vllm_command(settings, tmp_path, 8101, shares_cores=True)[1]
-    assert shared["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
-    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # an operator's own binding wins
-    assert vllm_command(settings, tmp_path, 8101, shares_cores=True)[1][
-        "VLLM_CPU_OMP_THREADS_BIND"] == "0|1"
+    monkeypatch.setattr(hardware.os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3})
+    assert hardware.core_shares(2) == ["0,1", "2,3"] and hardware.core_shares(5) is None
+    two = settings.model_copy(update={"vllm_replicas": 2})
+    binds = [p.env["VLLM_CPU_OMP_THREADS_BIND"] for p in plan_processes(two)
+             if p.name.startswith("vllm")]
+    assert binds == ["0,1", "2,3"]
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # an operator's choice wins
+    assert vllm_command(settings, tmp_path, 8101, omp_bind="0,1")[1][
+        "VLLM_CPU_OMP_THREADS_BIND"] == "nobind"

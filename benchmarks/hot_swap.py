@@ -48,7 +48,7 @@ from deploy.admin_client import AdminClient  # noqa: E402
 from serve.merged_serving import MERGED_KEY, MergedServing  # noqa: E402
 from testkit.net import wait_http  # noqa: E402
 from testkit.processes import loopback_settings, start_arena, start_gateway, stop_group  # noqa: E402
-from testkit.tiny_model import build_lora_adapter, build_tiny_model  # noqa: E402
+from testkit.tiny_model import benchmark_model, build_lora_adapter  # noqa: E402
 
 PROMPT = [{"role": "user", "content": "Tell me about the sea."}]
 FAILED_BACKOFF_S = 0.1
@@ -166,10 +166,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # still run the `finally`
 
     work = Path(tempfile.mkdtemp(prefix="arena-hotswap-"))
-    tiny = args.model == "tiny"
-    model_dir = build_tiny_model(work / "tiny") if tiny else Path(args.model)
-    if not (model_dir / "config.json").exists():
-        sys.exit(f"no model at {model_dir}: run `arena model prepare` or pass --model tiny")
+    model_dir, tiny = benchmark_model(args.model, work)
     settings = loopback_settings(work, model_dir, tiny)
     vllm_port, redis_port = settings.vllm_port, settings.redis_port
     vllm_url, gw_url = settings.effective_vllm_urls[0], settings.gateway_url

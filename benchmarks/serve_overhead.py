@@ -34,7 +34,7 @@ from arena.redis_server import start_redis  # noqa: E402
 from core.vllm_server import vllm_command  # noqa: E402
 from testkit.net import wait_http  # noqa: E402
 from testkit.processes import loopback_settings, start_gateway, stop_group  # noqa: E402
-from testkit.tiny_model import build_lora_adapter, build_tiny_model  # noqa: E402
+from testkit.tiny_model import benchmark_model, build_lora_adapter  # noqa: E402
 
 PROMPTS = [
     "Explain why the sky is blue.", "Write a haiku about autumn.", "What is 17 times 23?",
@@ -157,10 +157,8 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     work = Path(tempfile.mkdtemp(prefix="arena-bench-"))
-    model_dir = build_tiny_model(work / "tiny") if args.model == "tiny" else Path(args.model)
-    if not (model_dir / "config.json").exists():
-        sys.exit(f"no model at {model_dir}: run `arena model prepare` or pass --model tiny")
-    settings = loopback_settings(work, model_dir, args.model == "tiny",
+    model_dir, tiny = benchmark_model(args.model, work)
+    settings = loopback_settings(work, model_dir, tiny,
                                  vllm_max_loras=args.max_loras,
                                  vllm_max_lora_rank=args.max_lora_rank)
     vllm_port, redis_port, gw_port = settings.vllm_port, settings.redis_port, settings.gateway_port

@@ -71,3 +71,13 @@ def build_lora_adapter(base_dir: Path, out_dir: Path, seed: int, rank: int = 8,
                 param.normal_(0.0, 0.5)
     model.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
+
+
+def benchmark_model(choice: str, work: Path) -> tuple[Path, bool]:
+    """The base model a benchmark runs on, and whether it is the tiny one: "tiny" (built into
+    `work`) or an HF folder (the process exits with what to do when it is not there)."""
+    tiny = choice == "tiny"
+    model_dir = build_tiny_model(work / "tiny") if tiny else Path(choice)
+    if not (model_dir / "config.json").exists():
+        raise SystemExit(f"no model at {model_dir}: run `arena model prepare` or pass --model tiny")
+    return model_dir, tiny

@@ -8,6 +8,7 @@ inside the data dir are resolved by the `*_path` / `*_url` properties, so changi
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Literal
@@ -192,6 +193,12 @@ class Settings(BaseSettings):
     )
     learner_user_prompts: int = Field(500, description="Recent user prompts mixed into the PPO pool.")
     learner_ppo_steps: int | None = Field(None, description="Override the preset's PPO steps.")
+    learner_processes: int = Field(
+        1, ge=1, description="Training processes of each learner phase: above 1 the worker runs the reward model and PPO data-parallel (DDP) under `accelerate launch` (gloo on CPUs, NCCL on GPUs); PPO's rollout_batch and minibatch_size must divide by it."
+    )
+    learner_accelerate_config: Path | None = Field(
+        None, description="An `accelerate` config file for those processes (configs/accelerate/); default: DDP on this machine."
+    )
 
     # --- deploy --------------------------------------------------------------------------
     admin_url: str | None = Field(
@@ -323,3 +330,25 @@ def _hide_url_password(value: object) -> object:
     if isinstance(value, str):
         return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", value)
     return value
+
+
+def settings_environ(settings: Settings) -> dict[str, str]:
+    """Every field set on `settings` as ARENA_<FIELD>, plus the values it resolved (data
+    folder, Redis URL, base model): a child process building `Settings()` from them (and
+    no .env file of its own) gets the same settings."""
+    env = {f"ARENA_{name.upper()}": _env_value(getattr(settings, name))
+           for name in sorted(settings.model_fields_set) if getattr(settings, name) is not None}
+    env.update(ARENA_DATA_DIR=str(settings.data_dir.resolve()),
+               ARENA_REDIS_URL=settings.effective_redis_url,
+               ARENA_BASE_MODEL=str(settings.base_model_path.resolve()))
+    return env
+
+
+def _env_value(value: object) -> str:
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | tuple | dict):
+        return json.dumps(value, default=str)
+    return str(value)

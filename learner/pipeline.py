@@ -24,6 +24,7 @@ from typing import Any
 
 from core.settings import Settings
 from learner import artifacts
+from learner.data_parallel import SINGLE, DataParallel
 from learner.presets import Preset, get_preset
 
 log = logging.getLogger(__name__)
@@ -124,16 +125,18 @@ def _work_dir(settings: Settings, task_id: str) -> Path:
     return settings.versions_dir / artifacts.WORK_DIR / task_id
 
 
-def _task_state(settings: Settings, task_id: str, **defaults: Any) -> dict[str, Any]:
-    """Per-task facts fixed at the first attempt (e.g. the vote range), re-used on re-runs."""
+def _task_state(settings: Settings, task_id: str, parallel: DataParallel = SINGLE,
+                **defaults: Any) -> dict[str, Any]:
+    """Per-task facts fixed at the first attempt (e.g. the vote range), re-used on re-runs;
+    data-parallel, written by rank 0 and read by the others."""
     path = _work_dir(settings, task_id) / "task.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(defaults))
-    os.replace(tmp, path)
-    return defaults
+    if parallel.is_main and not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(defaults))
+        os.replace(tmp, path)
+    parallel.wait()
+    return json.loads(path.read_text())
 
 
 def _already_published(settings: Settings, registry: Any, kind: str, task_id: str,
@@ -155,7 +158,10 @@ def _already_published(settings: Settings, registry: Any, kind: str, task_id: st
 # --- reward model ------------------------------------------------------------------------------
 def run_reward_model(settings: Settings, task_id: str, votes_jsonl: str | Path | None = None,
                      progress: Progress | None = None, registry: Any = None,
-                     guard: Guard | None = None) -> dict[str, Any]:
+                     guard: Guard | None = None,
+                     parallel: DataParallel = SINGLE) -> dict[str, Any]:
+    """Train and publish a reward model. Data-parallel (`parallel`): every rank trains, rank
+    0 alone publishes and registers; the others return the metrics."""
     from learner.reward_model import save_reward_model, train_reward_model
     from learner.vote_source import data_range, vote_source
 
@@ -164,16 +170,18 @@ def run_reward_model(settings: Settings, task_id: str, votes_jsonl: str | Path |
     if (done := _already_published(settings, registry, "rm", task_id, "reward")) is not None:
         return done
     preset = preset_for(settings)
-    state = _task_state(settings, task_id, until=time.time())
+    state = _task_state(settings, task_id, parallel, until=time.time())
     source = vote_source(settings, votes_jsonl)
     votes = source.votes(until=state["until"])
     if not votes:
         raise NotEnoughVotes(f"no votes in {source.describe()} yet")
     base = settings.learner_reward_base_model or settings.base_model_path
     try:
-        result = train_reward_model(votes, base, preset.reward, progress)
+        result = train_reward_model(votes, base, preset.reward, progress, parallel)
     except ValueError as error:
         raise NotEnoughVotes(str(error)) from error
+    if not parallel.is_main:
+        return {"version": None, "path": None, "metrics": result.metrics}
 
     _check(guard)
     version = artifacts.allocate_id(versions, "rm", _next_id(registry, "rm"))
@@ -258,7 +266,10 @@ def run_policy(settings: Settings, task_id: str, rm_version: str | None = None,
                parent: str | None = None, votes_jsonl: str | Path | None = None,
                progress: Progress | None = None, registry: Any = None,
                rollout_factory: Callable[[Any], Any] | None = None,
-               guard: Guard | None = None) -> dict[str, Any]:
+               guard: Guard | None = None,
+               parallel: DataParallel = SINGLE) -> dict[str, Any]:
+    """Train and publish a policy (PPO). Data-parallel (`parallel`): every rank trains, rank
+    0 alone checks, publishes and registers; the others return the metrics."""
     from learner.policy_trainer import save_adapter, train_policy
     from learner.prompt_pool import PromptPool, user_prompts_from_archive
     from learner.reward_model import load_reward_model
@@ -273,7 +284,7 @@ def run_policy(settings: Settings, task_id: str, rm_version: str | None = None,
     preset = preset_for(settings)
     work = _work_dir(settings, task_id)
     artifacts.clean_stale_temp(work / "checkpoints")
-    state = _task_state(settings, task_id, until=time.time())
+    state = _task_state(settings, task_id, parallel, until=time.time())
 
     # The reward model, the parent policy and the prompts.
     rm_dir = _resolve_rm(settings, rm_version)
@@ -307,7 +318,9 @@ def run_policy(settings: Settings, task_id: str, rm_version: str | None = None,
     result = train_policy(settings.base_model_path, preset.ppo, reward_fn, pool,
                           factory, parent_adapter=parent_path, progress=progress,
                           checkpoint_dir=work / "checkpoints", ptx_texts=ptx_texts,
-                          guard=guard, initial_kl_coef=initial_kl_coef)
+                          guard=guard, initial_kl_coef=initial_kl_coef, parallel=parallel)
+    if not parallel.is_main:
+        return {"version": None, "path": None, "metrics": result.metrics}
 
     version = artifacts.allocate_id(versions, "policy", _next_id(registry, "policy"))
     final = versions / version

@@ -16,6 +16,13 @@ log-probs, values), reference and reward model → per-token rewards → GAE →
 clipped-surrogate + clipped-value updates on minibatches → adapt β → push the new adapter
 to the rollout backend. Resumable: every `checkpoint_every` steps the full state (adapter,
 value head, optimiser, β, RNG, history) is written atomically; a re-run resumes there.
+
+Data-parallel (`parallel`, learner/data_parallel.py, under `accelerate launch`): every rank
+samples its own rollout_batch / N answers (its own seeds), scores them and runs the same
+number of minibatch updates on minibatch_size / N rows; DDP averages the gradients, so each
+update is one over rollout_batch answers and the weights stay equal on every rank (checked:
+`grad_spread` in the history). Advantages are whitened over each rank's rollouts; β adapts
+to the KL of all of them. Rank 0 writes the checkpoints.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from torch import nn
 
 from learner import ppo
 from learner.artifacts import atomic_dir
+from learner.data_parallel import SINGLE, DataParallel
 from learner.precision import amp_dtype, autocast, pick_device
 from learner.presets import PPOPreset
 from learner.prompt_pool import PromptPool
@@ -51,6 +59,7 @@ TRAINER_STATE_FILE = "trainer_state.pt"  # tensors only: optimizer state, torch 
 TRAINER_META_FILE = "trainer_state.json"  # the rest: step, KL coefficient, history, Python RNG
 EVAL_SEED = 1234  # the before/after evaluation samples with the same seed
 ADAM_EPS = 1e-5  # CleanRL's PPO
+RANK_SEED_STRIDE = 10_007  # rank k samples with seed + k·stride: its own rollouts
 
 # Normalised RM score per row (B,), or per response token (B, T) summing to it (dense).
 RewardFn = Callable[[PackedBatch], torch.Tensor]
@@ -123,6 +132,20 @@ def policy_forward(model: Any, value_head: ValueHead | None, batch: PackedBatch,
     return logprobs, values, (logits if need_logits else None)
 
 
+class PolicyWithValue(nn.Module):
+    """The policy and its value head as one module, so that one forward, the training
+    one, yields both (what DDP wraps: it averages the gradients of what this forward used)."""
+
+    def __init__(self, policy: Any, value_head: ValueHead) -> None:
+        super().__init__()
+        self.policy, self.value_head = policy, value_head
+
+    def forward(self, batch: PackedBatch, temperature: float, amp: torch.dtype | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        return policy_forward(self.policy, self.value_head, batch, temperature,
+                              need_logits=True, amp=amp)
+
+
 def charge(scores: torch.Tensor, batch: PackedBatch, penalty: torch.Tensor) -> torch.Tensor:
     """Scores less a per-answer penalty: from the score, or (dense scores, (B, T)) from the
     last token's term."""
@@ -164,17 +187,25 @@ def sequence_scores(scores: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def evaluate_policy(model: Any, tokenizer: Any, rollout: RolloutBackend, reward_fn: RewardFn,
                     prompts: list[list[dict[str, str]]], preset: PPOPreset,
-                    seed: int = EVAL_SEED, amp: torch.dtype | None = None) -> dict[str, float]:
+                    seed: int = EVAL_SEED, amp: torch.dtype | None = None,
+                    parallel: DataParallel = SINGLE) -> dict[str, float]:
     """Mean normalised RM score and mean KL(π ‖ π_ref) per answer on fixed prompts, sampled
-    with a fixed seed by the current rollout weights."""
-    prompt_ids = [encode_prompt(tokenizer, m, preset.max_prompt_tokens) for m in prompts]
-    responses = rollout.generate(model, prompt_ids, seed=seed)
-    batch = pack(prompt_ids, responses, tokenizer.pad_token_id)
-    logprobs, _, _ = policy_forward(model, None, batch, preset.temperature, amp=amp)
-    ref = reference_logprobs(model, batch, preset.temperature, amp=amp)
-    kl = ppo.sequence_kl(logprobs - ref, batch.response_mask.to(logprobs.device))
-    return {"reward": sequence_scores(reward_fn(batch)).mean().item(), "kl": kl.mean().item(),
-            "answer_tokens": batch.response_lengths.float().mean().item()}
+    with a fixed seed by the current rollout weights (data-parallel: each rank its share of
+    the prompts, the means over all of them)."""
+    prompt_ids = [encode_prompt(tokenizer, m, preset.max_prompt_tokens)
+                  for m in parallel.shard(prompts)]
+    rows: list[tuple[float, float, int]] = []
+    if prompt_ids:
+        responses = rollout.generate(model, prompt_ids, seed=seed)
+        batch = pack(prompt_ids, responses, tokenizer.pad_token_id)
+        logprobs, _, _ = policy_forward(model, None, batch, preset.temperature, amp=amp)
+        ref = reference_logprobs(model, batch, preset.temperature, amp=amp)
+        kl = ppo.sequence_kl(logprobs - ref, batch.response_mask.to(logprobs.device))
+        rows = list(zip(sequence_scores(reward_fn(batch)).tolist(), kl.tolist(),
+                        batch.response_lengths.tolist(), strict=True))
+    every = torch.tensor(parallel.gather(rows), dtype=torch.float64)  # (prompts, 3)
+    reward, kl_mean, tokens = every.mean(0).tolist()
+    return {"reward": reward, "kl": kl_mean, "answer_tokens": tokens}
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
@@ -266,20 +297,31 @@ def train_policy(base_model: Path, preset: PPOPreset, reward_fn: RewardFn, pool:
                  checkpoint_dir: Path | None = None,
                  ptx_texts: list[list[int]] | None = None,
                  guard: Callable[[], None] | None = None,
-                 initial_kl_coef: float | None = None) -> PolicyTrainResult:
+                 initial_kl_coef: float | None = None,
+                 parallel: DataParallel = SINGLE) -> PolicyTrainResult:
     """Run `preset.steps` PPO steps; `rollout_factory(tokenizer)` builds the rollout backend.
     `guard()` runs before each checkpoint write and raises if this run may no longer write
     (it lost the learner lock). `initial_kl_coef`: where the adaptive β starts (the parent
     run's final β, so that one controller spans the loop's iterations; None: the preset's)."""
-    torch.manual_seed(preset.seed)
-    rng = random.Random(preset.seed)
+    if preset.rollout_batch % parallel.world or preset.minibatch_size % parallel.world:
+        raise ValueError(f"rollout_batch {preset.rollout_batch} and minibatch_size "
+                         f"{preset.minibatch_size} must divide by the {parallel.world} "
+                         "training processes")
+    rollout_batch = preset.rollout_batch // parallel.world  # this rank's answers per step
+    minibatch_size = preset.minibatch_size // parallel.world
+    torch.manual_seed(preset.seed)  # the same initial weights on every rank
+    rank_seed = preset.seed + RANK_SEED_STRIDE * parallel.rank  # its own rollouts
+    rng = random.Random(rank_seed)
     model, value_head, tokenizer = load_policy(base_model, preset, parent_adapter)
+    if parallel.rank:
+        torch.manual_seed(rank_seed)
     device = value_head.linear.weight.device
     amp = amp_dtype(preset.precision, device)  # bf16 autocast of the trunk, or None
     pad_id = tokenizer.pad_token_id
     eos_id = tokenizer.eos_token_id
     params = [p for p in model.parameters() if p.requires_grad] + list(value_head.parameters())
     optimizer = torch.optim.AdamW(params, lr=preset.lr, eps=ADAM_EPS, weight_decay=0.0)
+    trainee = parallel.prepare(PolicyWithValue(model, value_head))  # DDP (itself if 1)
     eval_prompts = pool.fixed(preset.eval_prompts)
     rollout = rollout_factory(tokenizer)
     try:
@@ -293,12 +335,15 @@ def train_policy(base_model: Path, preset: PPOPreset, reward_fn: RewardFn, pool:
             seconds_before = state.seconds
             rng.setstate(state.python_rng)
             torch.set_rng_state(state.torch_rng)
+            if parallel.rank:  # rank 0's saved RNG: the others draw their own again
+                rng.seed(rank_seed + start_step)
+                torch.manual_seed(rank_seed + start_step)
             log.info("resuming PPO from %s (step %d)", checkpoint, start_step)
             rollout.sync(model, start_step)
         else:
             rollout.sync(model, 0)
             eval_start = evaluate_policy(model, tokenizer, rollout, reward_fn, eval_prompts,
-                                         preset, amp=amp)
+                                         preset, amp=amp, parallel=parallel)
         # The KL target: absolute, or counted from where the parent already is (its KL to
         # π_ref on the evaluation prompts), so that every iteration of the loop may move
         # `kl_target` nats further than its parent instead of being pulled back to the base.
@@ -315,7 +360,7 @@ def train_policy(base_model: Path, preset: PPOPreset, reward_fn: RewardFn, pool:
         for step in range(start_step, preset.steps):
             step_started = time.monotonic()
             # 1. Rollout: sample one answer per prompt from the current policy.
-            messages = pool.sample(preset.rollout_batch, rng)
+            messages = pool.sample(rollout_batch, rng)
             prompt_ids = [encode_prompt(tokenizer, m, preset.max_prompt_tokens) for m in messages]
             responses = rollout.generate(model, prompt_ids)
             batch = pack(prompt_ids, responses, pad_id).to(device)
@@ -353,14 +398,14 @@ def train_policy(base_model: Path, preset: PPOPreset, reward_fn: RewardFn, pool:
             stats: dict[str, list[float]] = {k: [] for k in (
                 "policy_loss", "value_loss", "loss", "clipfrac", "value_clipfrac", "approx_kl",
                 "entropy", "ptx_loss")}
-            for _epoch in range(preset.ppo_epochs):
-                order = torch.randperm(preset.rollout_batch).to(device)
-                for start in range(0, preset.rollout_batch, preset.minibatch_size):
-                    rows = order[start:start + preset.minibatch_size]
+            grad_spread = 0.0
+            for epoch in range(preset.ppo_epochs):
+                order = torch.randperm(rollout_batch).to(device)
+                for start in range(0, rollout_batch, minibatch_size):
+                    rows = order[start:start + minibatch_size]
                     mb = batch.select(rows)
                     mb_mask = mask[rows]
-                    new_logprobs, new_values, logits = policy_forward(
-                        model, value_head, mb, preset.temperature, need_logits=True, amp=amp)
+                    new_logprobs, new_values, logits = trainee(mb, preset.temperature, amp)
                     pg = ppo.clipped_policy_loss(new_logprobs, old_logprobs[rows],
                                                  advantages[rows], mb_mask, preset.clip_eps)
                     vf_loss, vf_clipfrac = ppo.clipped_value_loss(
@@ -372,7 +417,9 @@ def train_policy(base_model: Path, preset: PPOPreset, reward_fn: RewardFn, pool:
                         loss = loss + preset.ptx_coef * lm_loss
                         stats["ptx_loss"].append(lm_loss.item())
                     optimizer.zero_grad()
-                    loss.backward()
+                    loss.backward()  # DDP: the gradients are now the ranks' average
+                    if epoch == 0 and start == 0:  # every rank about to take the same step?
+                        grad_spread = parallel.gradient_spread(params)
                     torch.nn.utils.clip_grad_norm_(params, preset.max_grad_norm)
                     optimizer.step()
                     with torch.no_grad():
@@ -386,28 +433,30 @@ def train_policy(base_model: Path, preset: PPOPreset, reward_fn: RewardFn, pool:
             update_s = time.monotonic() - step_started - generate_s - score_s
 
             # 5. Adapt β toward the KL target (a no-op for the fixed controller).
-            mean_kl = ppo.sequence_kl(kl, mask).mean().item()
+            mean_kl = parallel.mean(ppo.sequence_kl(kl, mask).mean().item())
             kl_coef_used = kl_ctl.value
             kl_ctl.update(mean_kl, preset.rollout_batch)
 
             # 6. Push the new weights to the rollout backend (vLLM: a fresh adapter name).
             rollout.sync(model, step + 1)
 
-            # 7. Report.
+            # 7. Report (the figures of the answers are means over every rank's).
             done = step + 1
             elapsed = time.monotonic() - started
             eta = elapsed / (done - start_step) * (preset.steps - done)
             row = {
                 "step": done, "total": preset.steps,
-                "reward": sequence_scores(scores).mean().item(),
+                "reward": parallel.mean(sequence_scores(scores).mean().item()),
                 "kl": mean_kl, "kl_coef": kl_coef_used,
                 "non_score_reward": (-kl_coef_used * mean_kl),
-                "answer_tokens": batch.response_lengths.float().mean().item(),
-                "ended_share": ended.float().mean().item(),
-                "repetition": repeated.mean().item(),
+                "answer_tokens": parallel.mean(batch.response_lengths.float().mean().item()),
+                "ended_share": parallel.mean(ended.float().mean().item()),
+                "repetition": parallel.mean(repeated.mean().item()),
                 "generate_s": generate_s, "score_s": score_s, "update_s": update_s,
                 "step_s": time.monotonic() - step_started,
-                "eta_s": eta, **{k: (sum(v) / len(v) if v else None) for k, v in stats.items()},
+                "eta_s": eta, **{k: (parallel.mean(sum(v) / len(v)) if v else None)
+                                 for k, v in stats.items()},
+                "grad_spread": grad_spread, "processes": parallel.world,
             }
             history.append(row)
             log.info("ppo step %d/%d reward %.3f kl %.3f (target %.1f, β %.4f) entropy %.3f "
@@ -415,7 +464,7 @@ def train_policy(base_model: Path, preset: PPOPreset, reward_fn: RewardFn, pool:
                      kl_target, kl_coef_used, row["entropy"], row["loss"], eta)
             if progress is not None:
                 progress({"phase": "policy", **row})
-            if (checkpoint_dir is not None and preset.checkpoint_every
+            if (checkpoint_dir is not None and preset.checkpoint_every and parallel.is_main
                     and done % preset.checkpoint_every == 0 and done < preset.steps):
                 if guard is not None:
                     guard()
@@ -425,7 +474,7 @@ def train_policy(base_model: Path, preset: PPOPreset, reward_fn: RewardFn, pool:
 
         # 8. Evaluate the trained policy on the same prompts and seed as at the start.
         eval_end = evaluate_policy(model, tokenizer, rollout, reward_fn, eval_prompts, preset,
-                                   amp=amp)
+                                   amp=amp, parallel=parallel)
         seconds = seconds_before + time.monotonic() - started
         samples = preset.steps * preset.rollout_batch
         metrics = {
@@ -438,6 +487,9 @@ def train_policy(base_model: Path, preset: PPOPreset, reward_fn: RewardFn, pool:
             "samples_per_s": samples / seconds if seconds > 0 else math.nan,
             "rollout_backend": rollout.name, "device": device.type,
             "precision": str(amp).replace("torch.", "") if amp else "fp32",
+            "processes": parallel.world,
+            "grad_spread_max": max(row.get("grad_spread", 0.0) for row in history)
+            if history else 0.0,
         }
         return PolicyTrainResult(model, value_head, tokenizer, metrics, history)
     finally:

@@ -89,6 +89,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from feedback.vote_record import VoteRecord
+from learner.data_parallel import SINGLE, DataParallel
 from learner.precision import amp_dtype, autocast, pick_device
 from learner.presets import Pooling, Precision, RewardPreset
 from learner.sequences import PackedBatch, encode_answer, encode_prompt, pack
@@ -302,6 +303,8 @@ def build_reward_model(base_model: Path, preset: RewardPreset) -> tuple[RewardMo
     model = RewardModel(trunk, trunk.config.hidden_size, token_sum=preset.token_sum,
                         frozen_layers=frozen, pooling=preset.pooling,
                         last_token=preset.last_token)
+    if not preset.last_token:  # its term is replaced by 0: a weight nothing trains
+        model.head.requires_grad_(False)
     device = pick_device()
     model.to(device).eval()  # dropout off, in training too
     model.amp = amp_dtype(preset.precision, device)
@@ -477,12 +480,15 @@ def length_difference(pairs: list[Pair], device: torch.device) -> torch.Tensor:
     return (n_a - n_b) / (n_a + n_b).clamp(min=1.0)
 
 
-def length_correlation(rewards: torch.Tensor, pairs: list[Pair], device: torch.device
-                       ) -> torch.Tensor:
+def answer_lengths(pairs: list[Pair], device: torch.device) -> torch.Tensor:
+    """Answer tokens of rows a_1..a_n, b_1..b_n."""
+    return torch.tensor([len(p.answer_a) for p in pairs] + [len(p.answer_b) for p in pairs],
+                        dtype=torch.float32, device=device)
+
+
+def length_correlation(rewards: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Pearson correlation of r (rows a_1..a_n, b_1..b_n) with the answers' token counts."""
-    n = torch.tensor([len(p.answer_a) for p in pairs] + [len(p.answer_b) for p in pairs],
-                     dtype=torch.float32, device=device)
-    r, n = rewards - rewards.mean(), n - n.mean()
+    r, n = rewards - rewards.mean(), lengths - lengths.mean()
     return (r * n).sum() / (r.norm() * n.norm()).clamp(min=NORM_EPS)
 
 
@@ -516,12 +522,18 @@ def pair_metrics(deltas: torch.Tensor, targets: torch.Tensor) -> dict[str, float
 
 @torch.no_grad()
 def evaluate_pairs(model: RewardModel, pairs: list[Pair], pad_id: int, batch_size: int,
-                   cache: FrozenCache | None = None) -> dict[str, float | None]:
-    if not pairs:
+                   cache: FrozenCache | None = None,
+                   parallel: DataParallel = SINGLE) -> dict[str, float | None]:
+    """Metrics over `pairs`; data-parallel, each rank scores its share (the pairs it holds)
+    and the figures are those of all the ranks' pairs together."""
+    deltas = [pair_deltas(model, pairs[i:i + batch_size], pad_id, cache)
+              for i in range(0, len(pairs), batch_size)]
+    scored = parallel.gather([(d, p.target) for d, p in zip(
+        torch.cat(deltas).tolist() if deltas else [], pairs, strict=True)])
+    if not scored:
         return {"accuracy": None, "calibration": None, "loss": None, "n": 0}
-    deltas = torch.cat([pair_deltas(model, pairs[i:i + batch_size], pad_id, cache)
-                        for i in range(0, len(pairs), batch_size)])
-    return pair_metrics(deltas, torch.tensor([p.target for p in pairs], device=deltas.device))
+    return pair_metrics(torch.tensor([d for d, _ in scored]),
+                        torch.tensor([t for _, t in scored]))
 
 
 # --- training ------------------------------------------------------------------------------
@@ -534,7 +546,13 @@ class RewardTrainResult:
 
 
 def train_reward_model(votes: list[VoteRecord], base_model: Path, preset: RewardPreset,
-                       progress: Progress | None = None) -> RewardTrainResult:
+                       progress: Progress | None = None,
+                       parallel: DataParallel = SINGLE) -> RewardTrainResult:
+    """Train on the votes. Data-parallel (`parallel`, learner/data_parallel.py): every rank
+    holds the same pairs and draws the same batches; each pair belongs to one rank, which
+    alone caches and scores it, and each rank's loss is weighted so that DDP's average of
+    the gradients is the one-process gradient of the whole batch. Only the length control's
+    decorrelation term is taken over each rank's share of a batch, not the whole batch."""
     torch.manual_seed(preset.seed)
     rng = random.Random(preset.seed)
     model, tokenizer = build_reward_model(base_model, preset)
@@ -547,13 +565,16 @@ def train_reward_model(votes: list[VoteRecord], base_model: Path, preset: Reward
     if preset.max_train_pairs is not None:  # votes come oldest first: keep the newest
         train = train[-preset.max_train_pairs:]
         held_out = held_out[-max(1, preset.max_train_pairs * preset.eval_percent // 100):]
-    if not train:
-        raise ValueError(f"no trainable votes among {len(votes)} (both_bad and skipped ties "
-                         "carry no ranking)")
+    if len(train) < parallel.world:
+        raise ValueError(f"{len(train)} trainable votes among {len(votes)} (both_bad and "
+                         f"skipped ties carry no ranking), fewer than the {parallel.world} "
+                         "training processes")
+    my_train, my_held_out = parallel.shard(train), parallel.shard(held_out)
+    mine = {id(p) for p in my_train}
 
-    # 2. The frozen layers' output of every answer, once (module doc).
+    # 2. The frozen layers' output of every answer this rank holds, once (module doc).
     cache = FrozenCache(model, pad_id)
-    n_cached = len(train) + len(held_out)
+    n_cached = len(my_train) + len(my_held_out)
     started = time.monotonic()
 
     def cached(done: int) -> None:
@@ -564,16 +585,22 @@ def train_reward_model(votes: list[VoteRecord], base_model: Path, preset: Reward
                       "cached": done, "of": n_cached,
                       "eta_s": elapsed / done * (n_cached - done)})
 
-    cache.fill(train + held_out, preset.batch_size, cached)
+    cache.fill(my_train + my_held_out, preset.batch_size, cached)
     log.info("reward model: frozen layers (%d of %d) cached for %d pairs in %.0f s",
              model.frozen_layers, len(model._layers()), n_cached, time.monotonic() - started)
 
-    if model.is_probe:  # standardise on the training answers' tokens
-        answers = torch.cat([side[-len(answer):] for p in train for side, answer in
-                             zip(cache.states[id(p)], (p.answer_a, p.answer_b), strict=True)])
-        model.feature_mean.copy_(answers.mean(0))
-        model.feature_std.copy_(answers.std(0).clamp(min=NORM_EPS))
+    if model.is_probe:  # standardise on the training answers' tokens (of every rank)
+        answers = [side[-len(answer):].double() for p in my_train for side, answer in
+                   zip(cache.states[id(p)], (p.answer_a, p.answer_b), strict=True)]
+        n = parallel.total(torch.tensor(float(sum(len(a) for a in answers)),
+                                        dtype=torch.float64))
+        mean = parallel.total(sum(a.sum(0) for a in answers)) / n
+        # Σ(x − μ)², summed over the ranks: two passes in float64, whatever the split.
+        squares = parallel.total(sum((a - mean).pow(2).sum(0) for a in answers))
+        model.feature_mean.copy_(mean.float())
+        model.feature_std.copy_((squares / (n - 1)).sqrt().float().clamp(min=NORM_EPS))
 
+    forward = parallel.prepare(model)  # DDP for the training forward (module itself if 1)
     params = [p for p in model.parameters() if p.requires_grad]  # LoRA + heads
     # The heads start from (near) zero and are a few hundred weights: at the LoRA's rate
     # they would barely move in one pass over a few hundred votes.
@@ -592,65 +619,86 @@ def train_reward_model(votes: list[VoteRecord], base_model: Path, preset: Reward
     steps_per_epoch = math.ceil(len(train) / preset.batch_size)
     total = preset.epochs * steps_per_epoch
     history: list[dict[str, Any]] = []
-    step, steps_started = 0, time.monotonic()
+    step, steps_started, grad_spread = 0, time.monotonic(), 0.0
 
     # 3. Epochs over shuffled pairs: BT loss on Δ = r_a − r_b (top layers only).
     for epoch in range(preset.epochs):
-        rng.shuffle(train)
+        rng.shuffle(train)  # the same order on every rank (same seed)
         epoch_loss = 0.0
         for start in range(0, len(train), preset.batch_size):
-            chunk = train[start:start + preset.batch_size]
+            batch = train[start:start + preset.batch_size]
+            # This rank's pairs of the batch; with none, one of its own at weight 0, so that
+            # every rank runs the forward and backward DDP waits for.
+            own = [p for p in batch if id(p) in mine]
+            chunk = own or my_train[:1]
+            # mean over the whole batch = Σ over the ranks' shares / |batch|; DDP divides
+            # the summed gradients by the world size, so each rank's sum is scaled by it.
+            share = parallel.world / len(batch) if own else 0.0
             targets = torch.tensor([p.target for p in chunk], device=model.device)
-            rewards = pair_rewards(model, chunk, pad_id, cache)
+            rewards = pair_rewards(forward, chunk, pad_id, cache)
             deltas = rewards[: len(chunk)] - rewards[len(chunk):]  # Δ = r_a − r_b
             if preset.length_control:
                 deltas = deltas + length_weight * length_difference(chunk, model.device)
-            loss = bradley_terry_loss(deltas, targets).mean()
+            bt_loss = bradley_terry_loss(deltas, targets).sum() * share
+            loss = bt_loss
             if preset.length_control:
-                loss = loss + LENGTH_DECORRELATION * length_correlation(
-                    rewards, chunk, model.device) ** 2
+                loss = loss + (LENGTH_DECORRELATION if own else 0.0) * length_correlation(
+                    rewards, answer_lengths(chunk, model.device)) ** 2
             if preset.head_l2:
                 loss = loss + preset.head_l2 * head_penalty(model)
             optimizer.zero_grad()
-            loss.backward()
+            loss.backward()  # DDP: the gradients are now the ranks' average
+            parallel.average_gradients([length_weight] if preset.length_control else [])
+            if start == 0:  # once an epoch: the check that every rank takes the same step
+                grad_spread = max(grad_spread, parallel.gradient_spread(params))
             torch.nn.utils.clip_grad_norm_(params, preset.max_grad_norm)
             optimizer.step()
             step += 1
-            epoch_loss += loss.item() * len(chunk)
+            # The whole batch's loss: its BT part summed over the ranks, the rest as is.
+            step_loss = loss.item() - bt_loss.item() + parallel.mean(bt_loss.item())
+            epoch_loss += step_loss * len(batch)
             if progress is not None:
                 elapsed = time.monotonic() - steps_started
                 progress({"phase": "reward_model", "step": step, "total": total,
-                          "loss": loss.item(), "eta_s": elapsed / step * (total - step)})
+                          "loss": step_loss, "eta_s": elapsed / step * (total - step)})
             if preset.eval_every_steps and step % preset.eval_every_steps == 0 and step < total:
-                held = evaluate_pairs(model, held_out, pad_id, preset.batch_size, cache)
+                held = evaluate_pairs(model, my_held_out, pad_id, preset.batch_size, cache,
+                                      parallel)
                 history.append({"step": step, "epoch": step / steps_per_epoch,
-                                "train_loss": loss.item(), "heldout_accuracy": held["accuracy"],
+                                "train_loss": step_loss, "heldout_accuracy": held["accuracy"],
                                 "heldout_calibration": held["calibration"],
                                 "heldout_loss": held["loss"]})
-        held = evaluate_pairs(model, held_out, pad_id, preset.batch_size, cache)
+        held = evaluate_pairs(model, my_held_out, pad_id, preset.batch_size, cache, parallel)
         history.append({"step": step, "epoch": epoch + 1, "train_loss": epoch_loss / len(train),
                         "heldout_accuracy": held["accuracy"],
                         "heldout_calibration": held["calibration"],
                         "heldout_loss": held["loss"]})
+        log.info("reward model: epoch %d/%d, train loss %.4f, held-out accuracy %s",
+                 epoch + 1, preset.epochs, epoch_loss / len(train), held["accuracy"])
 
     # 4. Normalisation: mean and std of the raw scores of (a random sample of at most
     #    NORM_SAMPLE_PAIRS) training pairs; the same pass gives the training accuracy. The
     #    held-out figures are those after the last step.
     sample = random.Random(preset.seed).sample(train, min(len(train), NORM_SAMPLE_PAIRS))
+    my_sample = [p for p in sample if id(p) in mine]
     with torch.no_grad():
-        scored = [pair_rewards(model, sample[i:i + preset.batch_size], pad_id, cache).split(
-            len(sample[i:i + preset.batch_size]))
-            for i in range(0, len(sample), preset.batch_size)]
-        r_a = torch.cat([a for a, _ in scored])
-        r_b = torch.cat([b for _, b in scored])
+        scored = [pair_rewards(model, my_sample[i:i + preset.batch_size], pad_id, cache)
+                  .split(len(my_sample[i:i + preset.batch_size]))
+                  for i in range(0, len(my_sample), preset.batch_size)]
+        rows = parallel.gather(list(zip(
+            torch.cat([a for a, _ in scored]).tolist() if scored else [],
+            torch.cat([b for _, b in scored]).tolist() if scored else [],
+            [p.target for p in my_sample], [len(p.answer_a) for p in my_sample],
+            [len(p.answer_b) for p in my_sample], strict=True)))
+        r_a, r_b, targets, n_a, n_b = (torch.tensor(column, device=model.device)
+                                       for column in zip(*rows, strict=True))
         raw = torch.cat([r_a, r_b])
         model.reward_mean.copy_(raw.mean())
         model.reward_std.copy_(raw.std().clamp(min=NORM_EPS))
-        train_eval = pair_metrics(r_a - r_b, torch.tensor([p.target for p in sample],
-                                                          device=model.device))
+        train_eval = pair_metrics(r_a - r_b, targets)
         # What r pays for length alone (length control aims at ~0; a plain RM on a crowd
         # that likes long answers shows it): r against answer tokens on the same sample.
-        length_corr = length_correlation(raw, sample, model.device).item()
+        length_corr = length_correlation(raw, torch.cat([n_a, n_b]).float()).item()
     held = {"accuracy": history[-1]["heldout_accuracy"],
             "calibration": history[-1]["heldout_calibration"],
             "loss": history[-1]["heldout_loss"]}
@@ -662,7 +710,8 @@ def train_reward_model(votes: list[VoteRecord], base_model: Path, preset: Reward
         "reward_mean": model.reward_mean.item(), "reward_std": model.reward_std.item(),
         "steps": step, "seconds": time.monotonic() - started,
         "length_weight": length_weight.item() if preset.length_control else None,
-        "reward_length_corr": length_corr,
+        "reward_length_corr": length_corr, "processes": parallel.world,
+        "grad_spread": grad_spread,
     }
     model.requires_grad_(False)
     return RewardTrainResult(model, tokenizer, metrics, history)

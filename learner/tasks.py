@@ -89,6 +89,41 @@ class _Reporter:
                            f"holder now {self.lock.holder()})")
 
 
+def _reward_model(settings: Settings, task_id: str, votes_jsonl: str | None,
+                  reporter: _Reporter, registry: Any, guard: Any = None) -> dict[str, Any]:
+    """The reward-model phase: in this process, or with learner_processes > 1 as that many
+    data-parallel processes (learner/launch.py) reporting to this task."""
+    if settings.learner_processes > 1:
+        from learner.launch import run_launched
+
+        return run_launched(settings, "reward", task_id, votes_jsonl=votes_jsonl,
+                            **_launch_context(reporter))
+    from learner.pipeline import run_reward_model
+
+    return run_reward_model(settings, task_id, votes_jsonl, reporter, registry, guard=guard)
+
+
+def _policy(settings: Settings, task_id: str, rm_version: str | None, parent: str | None,
+            votes_jsonl: str | None, reporter: _Reporter, registry: Any,
+            guard: Any = None) -> dict[str, Any]:
+    """The PPO phase, in this process or data-parallel (as `_reward_model`)."""
+    if settings.learner_processes > 1:
+        from learner.launch import run_launched
+
+        return run_launched(settings, "policy", task_id, votes_jsonl=votes_jsonl,
+                            rm_version=rm_version, parent=parent, **_launch_context(reporter))
+    from learner.pipeline import run_policy
+
+    return run_policy(settings, task_id, rm_version, parent, votes_jsonl, reporter, registry,
+                      guard=guard)
+
+
+def _launch_context(reporter: _Reporter) -> dict[str, Any]:
+    """What the launched rank 0 needs to report to this task and to check its lock."""
+    return {"celery_task_id": reporter.task.request.id, "lock_token": reporter.token,
+            "fence": reporter.fence}
+
+
 def _prepare(settings: Settings) -> Any:
     from learner.pipeline import bound_resources, registry_for
 
@@ -105,23 +140,19 @@ def ping() -> str:
 
 @shared_task(bind=True, name="learner.tasks.train_reward_model")
 def train_reward_model(self: Any, votes_jsonl: str | None = None) -> dict[str, Any]:
-    from learner.pipeline import run_reward_model
-
     settings = _settings()
     registry = _prepare(settings)
-    return run_reward_model(settings, self.request.id or "eager-rm", votes_jsonl,
-                            progress=_Reporter(self), registry=registry)
+    return _reward_model(settings, self.request.id or "eager-rm", votes_jsonl,
+                         _Reporter(self), registry)
 
 
 @shared_task(bind=True, name="learner.tasks.train_policy")
 def train_policy(self: Any, rm_version: str | None = None, parent: str | None = None,
                  votes_jsonl: str | None = None) -> dict[str, Any]:
-    from learner.pipeline import run_policy
-
     settings = _settings()
     registry = _prepare(settings)
-    return run_policy(settings, self.request.id or "eager-policy", rm_version, parent,
-                      votes_jsonl, progress=_Reporter(self), registry=registry)
+    return _policy(settings, self.request.id or "eager-policy", rm_version, parent,
+                   votes_jsonl, _Reporter(self), registry)
 
 
 @shared_task(bind=True, name="learner.tasks.iterate")
@@ -130,7 +161,7 @@ def iterate(self: Any, votes_jsonl: str | None = None, lock_token: str | None = 
     """One iteration of online RLHF: a reward model on all votes so far, then PPO from the
     current policy against it; the new policy is registered as a candidate."""
     from learner import artifacts
-    from learner.pipeline import NotEnoughVotes, run_policy, run_reward_model
+    from learner.pipeline import NotEnoughVotes
     from learner.trigger import TASK_PHASES, IterationLock, LockLost, was_cancelled
 
     settings = _settings()
@@ -156,13 +187,13 @@ def iterate(self: Any, votes_jsonl: str | None = None, lock_token: str | None = 
         log.info("learner iteration %s started (%s, fencing token %s)", task_id, reason, fence)
         reporter = _Reporter(self, lock, token, fence)
         try:
-            rm = run_reward_model(settings, f"{task_id}-rm", votes_jsonl, reporter, registry,
-                                  guard=reporter.guard)
+            rm = _reward_model(settings, f"{task_id}-rm", votes_jsonl, reporter, registry,
+                               guard=reporter.guard)
         except NotEnoughVotes as error:
             log.info("learner iteration %s skipped: %s", task_id, error)
             return {"status": "skipped", "reason": str(error)}
-        policy = run_policy(settings, f"{task_id}-policy", rm["version"], None, votes_jsonl,
-                            reporter, registry, guard=reporter.guard)
+        policy = _policy(settings, f"{task_id}-policy", rm["version"], None, votes_jsonl,
+                         reporter, registry, guard=reporter.guard)
         if policy.get("refused"):
             log.warning("learner iteration %s: its policy was refused, not registered: %s",
                         task_id, policy["refused"]["reason"])

@@ -8,12 +8,9 @@ import time
 
 import httpx
 
+from core.net import free_port
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["free_port", "free_port_ranges", "wait_http"]
 
 
 def free_port_ranges(*sizes: int) -> list[int]:

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import signal
@@ -13,10 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pydantic import SecretStr
-
 from arena.launcher import gateway_command, worker_command
-from core.settings import Settings
+from core.settings import Settings, settings_environ
 from testkit.net import free_port_ranges
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,29 +33,11 @@ def loopback_settings(work: Path, model_dir: Path, tiny: bool, **overrides: Any)
     return Settings(_env_file=None, **{**values, **overrides})
 
 
-def _env_value(value: Any) -> str:
-    if isinstance(value, SecretStr):
-        return value.get_secret_value()
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, list | tuple | dict):
-        return json.dumps(value, default=str)
-    return str(value)
-
-
 def settings_env(settings: Settings) -> dict[str, str]:
-    """This process's environment plus every field set on `settings` as ARENA_<FIELD>: a
-    child building `Settings()` gets the same values."""
-    env = dict(os.environ)
-    for name in sorted(settings.model_fields_set):
-        value = getattr(settings, name)
-        if value is not None:
-            env[f"ARENA_{name.upper()}"] = _env_value(value)
-    env.update(ARENA_DATA_DIR=str(settings.data_dir.resolve()),
-               ARENA_REDIS_URL=settings.effective_redis_url,
-               ARENA_BASE_MODEL=str(settings.base_model_path.resolve()),
-               PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
-    return env
+    """This process's environment plus `settings` (core.settings.settings_environ): a child
+    building `Settings()` gets the same values."""
+    return {**os.environ, **settings_environ(settings), "PYTHONPATH": str(ROOT),
+            "PYTHONUNBUFFERED": "1"}
 
 
 def start(settings: Settings, argv: list[str], log: Path) -> subprocess.Popen:

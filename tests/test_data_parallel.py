@@ -1,0 +1,191 @@
+"""The learner data-parallel (learner/data_parallel.py, learner/launch.py): the reward model
+and PPO under `accelerate launch` with 2 CPU processes (gloo), against 1 process.
+
+(1) DDP as the trainers use it: gradients that differ across the ranks are averaged in
+    backward, the same on every rank afterwards and equal to the one-process gradient;
+(2) the reward model with 2 processes reaches the 1-process held-out accuracy within 0.02
+    and loss within 5 % (the same votes, seeds and batches), and publishes once;
+(3) a learner iteration through a real Celery worker with learner_processes = 2 (reward
+    model, then PPO, data-parallel, progress in the task state) raises the reward as a
+    1-process PPO run on the same reward model does, with the gradients equal across the
+    ranks at every step;
+(4) a phase that stops (no votes) comes back to the worker as its exception.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from core.settings import Settings
+from learner import artifacts
+from learner.celery_app import make_celery
+from learner.launch import launch_command, run_launched
+from learner.pipeline import NotEnoughVotes, registry_for
+from learner.prompt_pool import load_shipped_prompts
+from learner.trigger import start_iteration, task_status
+from learner.vote_source import write_jsonl
+from testkit.hidden_rule_votes import hidden_rule_votes, sft_tiny_base
+from testkit.processes import ROOT, settings_env, start_worker, stop_group
+
+ACCURACY_TOLERANCE = 0.02  # the issue's bounds: 2 processes against 1
+LOSS_TOLERANCE = 0.05
+SAME_GRADIENT = 1e-6  # max |g_rank − g_0| after DDP's all-reduce
+ITERATION_TIMEOUT_S = 300
+LEARNER_ENV = {"ARENA_LEARNER_ROLLOUT": "transformers", "ARENA_LEARNER_THREADS": "1",
+               "ARENA_LEARNER_USER_PROMPTS": "0"}
+
+
+@pytest.fixture(scope="module")
+def votes_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("votes") / "votes.jsonl",
+                       hidden_rule_votes(300, load_shipped_prompts(), seed=1))
+
+
+@pytest.fixture(scope="module")
+def sft_base(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """PPO starts from a supervised fine-tune of the tiny model (test_learner_training.py)."""
+    return sft_tiny_base(tiny_model_dir, tmp_path_factory.mktemp("sft") / "tiny-sft",
+                         load_shipped_prompts())
+
+
+def with_processes(settings: Settings, n: int, folder: str, **extra: object) -> Settings:
+    """The test's settings with n training processes and a data folder of their own."""
+    values = {name: getattr(settings, name) for name in settings.model_fields_set}
+    return Settings(_env_file=None, **{**values, "data_dir": settings.data_dir / folder,
+                                       "learner_processes": n, **extra})
+
+
+@contextmanager
+def learner_worker(settings: Settings) -> Iterator[None]:
+    """A Celery learner worker as `arena up` starts it, on these settings."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    proc = start_worker(settings, settings.data_dir / "worker.log", "test-dp@%h")
+    try:
+        deadline = time.monotonic() + 60
+        while not make_celery(settings).control.ping(timeout=0.5):
+            assert proc.poll() is None and time.monotonic() < deadline, \
+                (settings.data_dir / "worker.log").read_text()[-3000:]
+        yield
+    finally:
+        stop_group(proc)
+
+
+def run_iteration(settings: Settings, votes: Path) -> dict:
+    """Start a learner iteration and follow it to its end: its last status, plus the
+    phases its progress reports named."""
+    started = start_iteration(settings, votes_jsonl=votes)
+    assert started["started"], started
+    phases, deadline = set(), time.monotonic() + ITERATION_TIMEOUT_S
+    while time.monotonic() < deadline:
+        status = task_status(settings, started["task_id"])
+        if status["state"] == "PROGRESS":  # reported by the launched rank 0
+            phases.add(status["info"].get("phase"))
+        if status["state"] in ("SUCCESS", "FAILURE"):
+            break
+        time.sleep(0.2)
+    return {**status, "phases": phases}
+
+
+@pytest.mark.slow
+def test_ddp_averages_the_ranks_gradients() -> None:
+    """Launched as the worker launches with the shipped accelerate config (on CPUs here)."""
+    settings = Settings(_env_file=None, learner_processes=2,
+                        learner_accelerate_config=ROOT / "configs/accelerate/multi-gpu.yaml")
+    argv = launch_command(settings, "reward", "x", Path("unused"))
+    argv = argv[:argv.index("-m", 3)] + ["-m", "testkit.data_parallel_probe"]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=settings_env(Settings(_env_file=None)))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert figures["world"] == 2
+    assert figures["local_spread"] > 0.1  # each rank's own rows: different gradients …
+    assert figures["ddp_spread"] <= SAME_GRADIENT  # … averaged by DDP: the same everywhere
+    assert figures["ddp_vs_one_process"] <= 1e-5  # … and the gradient of all the rows
+
+
+@pytest.mark.slow
+def test_reward_model_on_two_processes_matches_one(settings: Settings, votes_file: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in LEARNER_ENV.items():
+        monkeypatch.setenv(key, value)
+    one = run_launched(with_processes(settings, 1, "one"), "reward", "rm-one",
+                       votes_jsonl=votes_file)
+    two_settings = with_processes(settings, 2, "two")
+    two = run_launched(two_settings, "reward", "rm-two", votes_jsonl=votes_file)
+
+    m1, m2 = one["metrics"], two["metrics"]
+    assert (m1["processes"], m2["processes"]) == (1, 2)
+    assert m1["heldout_accuracy"] >= 0.9  # it learnt the hidden rule
+    assert abs(m2["heldout_accuracy"] - m1["heldout_accuracy"]) <= ACCURACY_TOLERANCE
+    for loss in ("heldout_loss", "train_loss"):
+        assert abs(m2[loss] - m1[loss]) <= LOSS_TOLERANCE * m1[loss], (loss, m1, m2)
+    assert m2["n_train"] == m1["n_train"] and m2["steps"] == m1["steps"]
+    assert m2["grad_spread"] <= SAME_GRADIENT
+    # Rank 0 alone published and registered it: one folder, one registry record.
+    published = artifacts.list_versions(two_settings.versions_dir, "rm")
+    assert [p.name for p in published] == [two["version"]]
+    assert registry_for(two_settings).get(two["version"]).kind == "reward"
+
+
+@pytest.mark.slow
+def test_iteration_on_two_processes_through_the_worker(
+        settings: Settings, sft_base: Path, votes_file: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in LEARNER_ENV.items():
+        monkeypatch.setenv(key, value)
+    two = with_processes(settings, 2, "two", base_model=sft_base)
+    with learner_worker(two):
+        status = run_iteration(two, votes_file)
+    phases = status.pop("phases")
+    log = (two.data_dir / "worker.log").read_text()
+    assert status["state"] == "SUCCESS" and status["info"]["status"] == "done", \
+        (status, log[-4000:])
+    assert {"reward_model", "policy"} <= phases, phases
+    assert "2 training process(es), gloo backend" in log
+
+    policy = status["info"]["policy"]
+    metrics = policy["metrics"]
+    assert metrics["processes"] == 2
+    assert metrics["reward_end"] > metrics["reward_start"], metrics
+    history = artifacts.read_manifest(Path(policy["path"]))["history"]
+    assert len(history) == metrics["steps"]
+    assert all(row["grad_spread"] <= SAME_GRADIENT for row in history), \
+        [row["grad_spread"] for row in history]
+
+    # The same PPO on one process, against the same reward model: it rises there too.
+    alone = run_launched(with_processes(settings, 1, "two", base_model=sft_base), "policy",
+                         "policy-one", rm_version=status["info"]["reward_model"]["version"],
+                         parent="base", votes_jsonl=votes_file)
+    assert alone["metrics"]["processes"] == 1
+    assert alone["metrics"]["reward_end"] > alone["metrics"]["reward_start"], alone["metrics"]
+
+
+@pytest.mark.slow
+def test_a_phase_that_stops_comes_back_as_its_exception(settings: Settings,
+                                                       tmp_path: Path) -> None:
+    empty = tmp_path / "none.jsonl"
+    empty.write_text("")
+    with pytest.raises(NotEnoughVotes, match="no votes"):
+        run_launched(with_processes(settings, 2, "empty"), "reward", "rm-empty",
+                     votes_jsonl=empty)
+
+
+def test_launch_command_uses_the_operators_accelerate_config(tmp_path: Path) -> None:
+    config = tmp_path / "accelerate.yaml"
+    settings = Settings(_env_file=None, learner_processes=4, learner_accelerate_config=config)
+    argv = launch_command(settings, "policy", "task-1", tmp_path / "r.json", "--parent", "base")
+    assert argv[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    assert argv[argv.index("--num_processes") + 1] == "4"
+    assert argv[argv.index("--config_file") + 1] == str(config)
+    assert "--multi_gpu" not in argv
+    assert argv[argv.index("learner.launch") + 1:] == [
+        "policy", "--task-id", "task-1", "--result", str(tmp_path / "r.json"),
+        "--parent", "base"]

@@ -87,6 +87,17 @@ class DataParallel:
             return value
         return self.total(torch.tensor(value, dtype=torch.float64)).item() / self.world
 
+    def masked_moments(self, x: torch.Tensor, mask: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(mean, unbiased variance) of x's masked entries over every rank's x, for
+        `ppo.whiten`; None for one process (whiten then uses x's own)."""
+        if not self.active:
+            return None
+        n = self.total(mask.sum().double())
+        mean = self.total((x * mask).sum().double()) / n
+        squares = self.total(((x - mean) ** 2 * mask).sum().double())
+        return mean.to(x.dtype), (squares / (n - 1).clamp(min=1)).to(x.dtype)
+
     def average_gradients(self, params: list[torch.Tensor]) -> None:
         """Average the gradients of parameters DDP does not own (kept outside the module)."""
         if not self.active:

@@ -19,9 +19,11 @@ themselves. An operator can also run it by hand on a GPU host.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -38,6 +40,7 @@ log = logging.getLogger("learner.launch")
 # iteration's: the worker handles each as when the phase ran in its own process).
 RAISED = ("NotEnoughVotes", "LockLost", "IterationCancelled")
 OUTPUT_TAIL_CHARS = 3000  # of a failed launch's output, in the worker's error
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 STOPPED_EXIT = 3  # a rank's exit status when it stopped on one of RAISED
 
 
@@ -57,6 +60,18 @@ def launch_command(settings: Settings, phase: str, task_id: str, result: Path,
         argv += ["--multi_gpu"] if settings.learner_processes > 1 else []
     return [*argv, "-m", "learner.launch", phase, "--task-id", task_id,
             "--result", str(result), *options]
+
+
+def _stop_with_parent() -> None:
+    """In the launcher's child, before exec: SIGTERM when the worker process dies (killed,
+    or revoked by an operator), which torchrun passes on to the ranks, so that no orphaned
+    training runs on beside a re-delivered one (they would also stop at their next line of
+    output into the dead worker's pipe). Linux only; elsewhere a no-op."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def run_launched(settings: Settings, phase: str, task_id: str, *,
@@ -83,7 +98,7 @@ def run_launched(settings: Settings, phase: str, task_id: str, *,
         env = {**os.environ, **settings_environ(settings), "PYTHONUNBUFFERED": "1"}
         tail: list[str] = []
         with subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) as proc:
+                              text=True, preexec_fn=_stop_with_parent) as proc:
             assert proc.stdout is not None
             for line in proc.stdout:  # the ranks' progress and warnings, into our log
                 log.info("%s", line.rstrip())

@@ -21,8 +21,8 @@ Data-parallel (`parallel`, learner/data_parallel.py, under `accelerate launch`):
 samples its own rollout_batch / N answers (its own seeds), scores them and runs the same
 number of minibatch updates on minibatch_size / N rows; DDP averages the gradients, so each
 update is one over rollout_batch answers and the weights stay equal on every rank (checked:
-`grad_spread` in the history). Advantages are whitened over each rank's rollouts; β adapts
-to the KL of all of them. Rank 0 writes the checkpoints.
+`grad_spread` in the history). Advantages are whitened with the mean and variance over
+every rank's rollouts, and β adapts to the KL of all of them. Rank 0 writes the checkpoints.
 """
 
 from __future__ import annotations
@@ -386,11 +386,13 @@ def train_policy(base_model: Path, preset: PPOPreset, reward_fn: RewardFn, pool:
                 rewards, kl = ppo.per_token_rewards(old_logprobs, ref_logprobs, scores, mask,
                                                     kl_ctl.value)
                 if preset.whiten_rewards:
-                    rewards = ppo.whiten(rewards, mask, shift_mean=False)
+                    rewards = ppo.whiten(rewards, mask, shift_mean=False,
+                                         moments=parallel.masked_moments(rewards, mask))
                 advantages, returns = ppo.gae(rewards, old_values, mask, preset.gamma,
                                               preset.gae_lambda)
                 if preset.whiten_advantages:
-                    advantages = ppo.whiten(advantages, mask)
+                    advantages = ppo.whiten(advantages, mask,
+                                            moments=parallel.masked_moments(advantages, mask))
 
             score_s = time.monotonic() - step_started - generate_s
 

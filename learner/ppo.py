@@ -39,9 +39,11 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return var * n / (n - 1) if n > 1 else var
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """(x − mean) / std over the real tokens; padding comes back as 0."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+           moments: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """(x − mean) / std over the real tokens; padding comes back as 0. `moments`: the
+    (mean, variance) to use instead of x's own (data-parallel: those of every rank's x)."""
+    mean, var = moments if moments is not None else (masked_mean(x, mask), masked_var(x, mask))
     out = (x - mean) * torch.rsqrt(var + WHITEN_EPS)
     if not shift_mean:
         out = out + mean  # whiten rewards keeps their sign on average

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
 import pytest
 
 from core.settings import Settings
@@ -64,7 +65,7 @@ def with_processes(settings: Settings, n: int, folder: str, **extra: object) -> 
 
 
 @contextmanager
-def learner_worker(settings: Settings) -> Iterator[None]:
+def learner_worker(settings: Settings) -> Iterator[subprocess.Popen]:
     """A Celery learner worker as `arena up` starts it, on these settings."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     proc = start_worker(settings, settings.data_dir / "worker.log", "test-dp@%h")
@@ -73,7 +74,7 @@ def learner_worker(settings: Settings) -> Iterator[None]:
         while not make_celery(settings).control.ping(timeout=0.5):
             assert proc.poll() is None and time.monotonic() < deadline, \
                 (settings.data_dir / "worker.log").read_text()[-3000:]
-        yield
+        yield proc
     finally:
         stop_group(proc)
 
@@ -109,6 +110,7 @@ def test_ddp_averages_the_ranks_gradients() -> None:
     assert figures["local_spread"] > 0.1  # each rank's own rows: different gradients …
     assert figures["ddp_spread"] <= SAME_GRADIENT  # … averaged by DDP: the same everywhere
     assert figures["ddp_vs_one_process"] <= 1e-5  # … and the gradient of all the rows
+    assert figures["moments_vs_one_process"] <= 1e-5  # PPO's whitening: over all the rows
 
 
 @pytest.mark.slow
@@ -166,6 +168,30 @@ def test_iteration_on_two_processes_through_the_worker(
                          parent="base", votes_jsonl=votes_file)
     assert alone["metrics"]["processes"] == 1
     assert alone["metrics"]["reward_end"] > alone["metrics"]["reward_start"], alone["metrics"]
+
+
+@pytest.mark.slow
+def test_training_processes_stop_when_the_worker_is_killed(
+        settings: Settings, votes_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kill -9 of the process running the task, mid-phase: its training processes stop too,
+    so none trains on, orphaned, beside the task's re-delivery."""
+    for key, value in LEARNER_ENV.items():
+        monkeypatch.setenv(key, value)
+    two = with_processes(settings, 2, "killed")
+    with learner_worker(two) as worker:
+        assert start_iteration(two, votes_jsonl=votes_file)["started"]
+        deadline, ranks = time.monotonic() + 60, []
+        while len(ranks) < 2 and time.monotonic() < deadline:
+            ranks = [p for p in psutil.Process(worker.pid).children(recursive=True)
+                     if "learner.launch" in p.cmdline() and "--task-id" in p.cmdline()
+                     and "accelerate.commands.launch" not in p.cmdline()]
+            time.sleep(0.1)
+        assert len(ranks) == 2, ranks
+        task_process = next(p for p in psutil.Process(worker.pid).children()
+                            if ranks[0] in p.children(recursive=True))
+        task_process.kill()
+        _, alive = psutil.wait_procs(ranks, timeout=30)
+        assert not alive, [p.cmdline() for p in alive]
 
 
 @pytest.mark.slow

@@ -592,9 +592,9 @@ def gc(
 ) -> None:
     """Free disk space in the data dir: checkpoint folders of learner tasks that ended, temp
     folders of dead writers, and on request the weights of retired versions."""
+    from deploy.folders import clean_stale_temp
     from deploy.gc import plan_gc, remove_retired_files
     from deploy.registry import Registry
-    from learner.artifacts import clean_stale_temp
     from learner.trigger import remove_finished_work
 
     settings = _settings()

@@ -3,7 +3,8 @@
 Registering a checkpoint (the learner's output, or an adapter trained anywhere else) is:
 copy into a staging folder of the store, check the copy (manifest hashes, then that the
 adapter fits our base and servers), write its manifest, rename it into place (atomic: a
-version folder is complete or absent), then add the registry record as a `candidate`.
+version folder is complete or absent; deploy/folders.py, as the learner writes its own),
+then add the registry record as a `candidate`.
 A refused checkpoint leaves nothing behind, and serving never sees it.
 
 `register_adapter` does it all (the learner calls it). The gateway's admin route runs the
@@ -12,16 +13,15 @@ two halves itself, `stage` and `commit`, to load the adapter into the replicas i
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from core.settings import Settings
 from deploy.adapter_check import AdapterRefused, check_adapter, read_base_shape
+from deploy.folders import allocate_id, clean_stale_temp, new_temp_dir, publish
 from deploy.manifest import (
     Manifest,
     ManifestError,
@@ -32,8 +32,6 @@ from deploy.manifest import (
     write_manifest,
 )
 from deploy.registry import Registry, VersionRecord
-
-STAGING_PREFIX = ".staging-"
 
 
 @dataclass(frozen=True)
@@ -59,8 +57,8 @@ def stage(settings: Settings, registry: Registry, src_dir: Path | str,
         raise AdapterRefused(str(error), "checkpoint_corrupt") from error
 
     store = settings.versions_dir
-    store.mkdir(parents=True, exist_ok=True)
-    staging = store / f"{STAGING_PREFIX}{uuid.uuid4().hex}"
+    clean_stale_temp(store)  # left by a process killed while it staged
+    staging = new_temp_dir(store, "stage")
     try:
         names = sorted(source_manifest.files) if source_manifest else list_files(src)
         _copy(src, staging, names)
@@ -122,7 +120,6 @@ def register_reward_model(settings: Settings, registry: Registry, src_dir: Path 
 
 # --- helpers -------------------------------------------------------------------------------
 def _copy(src: Path, dst: Path, names: list[str]) -> None:
-    dst.mkdir()
     for name in names:
         source = src / name
         if not source.is_file():
@@ -133,9 +130,7 @@ def _copy(src: Path, dst: Path, names: list[str]) -> None:
                                  "checkpoint folder", "path_not_allowed")
         target = dst / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, target)
-        with target.open("rb") as f:  # on disk before the rename makes the version visible
-            os.fsync(f.fileno())
+        shutil.copyfile(source, target)  # fsynced by `publish`, before the rename
 
 
 def _checked_manifest(settings: Settings, folder: Path, kind: str,
@@ -160,14 +155,11 @@ def _checked_manifest(settings: Settings, folder: Path, kind: str,
 
 def _place(registry: Registry, store: Path, staging: Path, kind: Literal["policy", "reward"],
            manifest: Manifest) -> tuple[str, Path]:
-    """Take a new id and rename the staging folder to it. Ids come from an atomic counter;
-    a folder left by a crash under an unregistered id is skipped, never overwritten."""
-    while True:
-        version = registry.next_id(kind)
-        final = store / version
-        if final.exists():
-            continue
-        manifest.extra.update(id=version, kind=kind)
-        write_manifest(staging, manifest)
-        staging.rename(final)
-        return version, final.resolve()
+    """Take a new id (the registry's atomic counter; a folder left by a crash under an
+    unregistered id is skipped, never overwritten) and publish the staging folder as it."""
+    version = allocate_id(store, kind, lambda: registry.next_id(kind))
+    manifest.extra.update(id=version, kind=kind)
+    write_manifest(staging, manifest)
+    final = store / version
+    publish(staging, final)
+    return version, final.resolve()

@@ -1,68 +1,25 @@
-"""Versioned artefacts on disk: `<versions dir>/policy-vN` and `<versions dir>/rm-vN`.
+"""The learner's versions on disk: `<versions dir>/policy-vN` and `<versions dir>/rm-vN`.
 
-A version folder appears complete or not at all: its files are written into a hidden temp
-folder in the same directory (`.tmp-<kind>-<pid>-<random>`), fsynced, the manifest (with
-the sha256 of every file) written last, and the folder renamed into place (an atomic
-`rename` on one file system). A process killed half-way leaves only a hidden temp folder,
-removed by the next run (`clean_stale_temp`). Names are immutable: a version is never
-rewritten under the same name.
+Each is written as deploy/folders.py writes every version (a hidden temp folder renamed into
+place, complete or absent, under a name never reused), with its manifest (the sha256 of every
+file, and the learner's keys: task id, data range, hyper-parameters, metrics, history)
+written last. Here: the manifest in the learner's terms, the published versions and the
+task that wrote each, and the per-task work folders (`.work/<task id>`).
 """
 
 from __future__ import annotations
 
-import os
-import re
 import shutil
 import time
-import uuid
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from deploy import manifest as manifest_file
+from deploy.folders import VERSION_RE
 from deploy.manifest import Manifest, ManifestError, hash_folder
 
-TEMP_PREFIX = ".tmp-"
 WORK_DIR = ".work"  # resumable per-task state (checkpoints), one folder per Celery task id
-VERSION_RE = re.compile(r"^(policy|rm)-v(\d+)$")
-
-
-def _fsync_tree(folder: Path) -> None:
-    for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            with p.open("rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def atomic_dir(final: Path, kind: str = "version") -> Iterator[Path]:
-    """Yield a temp folder beside `final`; on success it is renamed to `final`.
-
-    On an exception the temp folder is removed; on SIGKILL it stays hidden (`.tmp-…`) and
-    `clean_stale_temp` removes it later. Raises FileExistsError if `final` exists."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    temp = final.parent / f"{TEMP_PREFIX}{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    temp.mkdir()
-    try:
-        yield temp
-        _fsync_tree(temp)
-        if final.exists():
-            raise FileExistsError(f"{final} exists; version names are immutable")
-        os.rename(temp, final)  # atomic on one file system
-        _fsync_dir(final.parent)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -90,33 +47,6 @@ def verify(folder: Path) -> bool:
     except (OSError, ManifestError):
         return False
     return record is not None and record.files == hash_folder(folder)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def clean_stale_temp(versions_dir: Path) -> list[Path]:
-    """Remove temp folders left by dead processes (a worker killed mid-write)."""
-    removed = []
-    if not versions_dir.is_dir():
-        return removed
-    for p in versions_dir.iterdir():
-        if not p.name.startswith(TEMP_PREFIX):
-            continue
-        parts = p.name[len(TEMP_PREFIX):].split("-")
-        pid = int(parts[-2]) if len(parts) >= 3 and parts[-2].isdigit() else None
-        if pid is not None and (pid == os.getpid() or _pid_alive(pid)):
-            continue  # still being written by a live process
-        shutil.rmtree(p, ignore_errors=True)
-        removed.append(p)
-    return removed
 
 
 def _last_write(folder: Path) -> float:
@@ -169,19 +99,3 @@ def find_by_task(versions_dir: Path, kind: str, task_id: str) -> Path | None:
         except (OSError, ValueError):
             continue
     return None
-
-
-def allocate_id(versions_dir: Path, kind: str,
-                next_id: Callable[[], str] | None = None) -> str:
-    """A fresh `policy-vN` / `rm-vN`: from the registry's counter when given, else one above
-    the highest on disk; never the name of an existing folder."""
-    prefix = "policy" if kind == "policy" else "rm"
-    while True:
-        if next_id is not None:
-            candidate = next_id()
-        else:
-            numbers = [int(m.group(2)) for p in versions_dir.glob(f"{prefix}-v*")
-                       if (m := VERSION_RE.match(p.name))]
-            candidate = f"{prefix}-v{max(numbers, default=0) + 1}"
-        if not (versions_dir / candidate).exists():
-            return candidate

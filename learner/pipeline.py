@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from core.settings import Settings
+from deploy import folders
 from learner import artifacts
 from learner.data_parallel import SINGLE, DataParallel
 from learner.presets import Preset, get_preset
@@ -166,7 +167,7 @@ def run_reward_model(settings: Settings, task_id: str, votes_jsonl: str | Path |
     from learner.vote_source import data_range, vote_source
 
     versions = settings.versions_dir
-    artifacts.clean_stale_temp(versions)
+    folders.clean_stale_temp(versions)
     if (done := _already_published(settings, registry, "rm", task_id, "reward")) is not None:
         return done
     preset = preset_for(settings)
@@ -184,9 +185,9 @@ def run_reward_model(settings: Settings, task_id: str, votes_jsonl: str | Path |
         return {"version": None, "path": None, "metrics": result.metrics}
 
     _check(guard)
-    version = artifacts.allocate_id(versions, "rm", _next_id(registry, "rm"))
+    version = folders.allocate_id(versions, "rm", _next_id(registry, "rm"))
     final = versions / version
-    with artifacts.atomic_dir(final, kind="rm") as tmp:
+    with folders.atomic_dir(final, kind="rm") as tmp:
         save_reward_model(result.model, tmp)
         manifest = artifacts.write_manifest(tmp, {
             "id": version, "kind": "reward", "task_id": task_id, "base_model": str(base),
@@ -278,12 +279,12 @@ def run_policy(settings: Settings, task_id: str, rm_version: str | None = None,
     from learner.vote_source import vote_source
 
     versions = settings.versions_dir
-    artifacts.clean_stale_temp(versions)
+    folders.clean_stale_temp(versions)
     if (done := _already_published(settings, registry, "policy", task_id, "policy")) is not None:
         return done
     preset = preset_for(settings)
     work = _work_dir(settings, task_id)
-    artifacts.clean_stale_temp(work / "checkpoints")
+    folders.clean_stale_temp(work / "checkpoints")
     state = _task_state(settings, task_id, parallel, until=time.time())
 
     # The reward model, the parent policy and the prompts.
@@ -322,7 +323,7 @@ def run_policy(settings: Settings, task_id: str, rm_version: str | None = None,
     if not parallel.is_main:
         return {"version": None, "path": None, "metrics": result.metrics}
 
-    version = artifacts.allocate_id(versions, "policy", _next_id(registry, "policy"))
+    version = folders.allocate_id(versions, "policy", _next_id(registry, "policy"))
     final = versions / version
     metrics = {**result.metrics, "rm_heldout_accuracy": rm_manifest["metrics"]["heldout_accuracy"]}
     if (refusal := _check_servable(settings, result.model, work)) is not None:
@@ -332,7 +333,7 @@ def run_policy(settings: Settings, task_id: str, rm_version: str | None = None,
                                                      "rm_version": rm_manifest["id"]})
     metrics["sanity"] = policy_sanity(result.model, result.tokenizer, parent_path, preset.ppo)
     _check(guard)
-    with artifacts.atomic_dir(final, kind="policy") as tmp:
+    with folders.atomic_dir(final, kind="policy") as tmp:
         save_adapter(result.model, result.value_head, tmp)
         manifest = artifacts.write_manifest(tmp, {
             "id": version, "kind": "policy", "task_id": task_id, "parent": parent_id,

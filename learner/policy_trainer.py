@@ -41,8 +41,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from deploy.folders import atomic_dir
 from learner import ppo
-from learner.artifacts import atomic_dir
 from learner.data_parallel import SINGLE, DataParallel
 from learner.precision import amp_dtype, autocast, pick_device
 from learner.presets import PPOPreset

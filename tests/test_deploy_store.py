@@ -7,7 +7,10 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import json
+import os
 import shutil
+import socket
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,7 @@ import redis
 
 from core.settings import Settings
 from deploy.adapter_check import AdapterRefused
+from deploy.folders import TEMP_PREFIX
 from deploy.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -117,6 +121,28 @@ def test_register_copies_into_store_with_manifest(settings: Settings, registry: 
 
     second = register_adapter(settings, registry, lora_adapters[1])
     assert second.id == "policy-v2" and registry.current() == "base"
+
+
+def test_register_removes_what_a_killed_writer_left_on_this_host_only(
+        settings: Settings, registry: Registry, lora_adapters: list[Path]) -> None:
+    """Staging and the learner write through deploy/folders.py: a temp folder of a dead
+    process on this host is removed at the next registration; one of a live process, or of
+    another host sharing the store (its pid means nothing here), is left alone."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host = socket.gethostname().replace("-", "_")
+    root = settings.versions_dir
+    left = {name: root / f"{TEMP_PREFIX}{name}" for name in (
+        f"stage-{host}-{dead.pid}-0a0a0a0a",  # this host, process gone: removed
+        f"rm-{host}-{os.getpid()}-0b0b0b0b",  # this host, this (live) process: kept
+        f"stage-other_host-{dead.pid}-0c0c0c0c")}  # another host's: kept
+    for folder in left.values():
+        folder.mkdir(parents=True)
+        (folder / "half-written").write_text("x")
+    record = register_adapter(settings, registry, lora_adapters[0])
+    assert store_entries(settings) == sorted([record.id, left[f"rm-{host}-{os.getpid()}-0b0b0b0b"]
+                                              .name, left[f"stage-other_host-{dead.pid}-0c0c0c0c"]
+                                              .name])
 
 
 def test_register_keeps_the_source_manifest(settings: Settings, registry: Registry,

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from core.settings import Settings
+from deploy import folders
 from learner import artifacts
 from learner.pipeline import registry_for, run_policy, run_reward_model
 from learner.plot import plot_iteration
@@ -121,7 +122,7 @@ def test_killed_worker_leaves_no_partial_checkpoint_and_resumes(
     checkpoints = [p.name for p in work.iterdir() if not p.name.startswith(".")]
     assert checkpoints == ["step-4"]
     # Simulate a kill during the final publish as well: a stale temp folder of a dead pid.
-    stale = settings.versions_dir / f"{artifacts.TEMP_PREFIX}policy-999999-deadbeef"
+    stale = settings.versions_dir / f"{folders.TEMP_PREFIX}policy-999999-deadbeef"
     stale.mkdir()
     (stale / "adapter_model.safetensors").write_bytes(b"half")
 

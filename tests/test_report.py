@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from arena.cli import app as cli_app
 from conftest import GatewayServer, free_port
 from core.settings import Settings
+from deploy import folders
 from deploy.registry import Registry, VersionRecord
 from elo.bradley_terry import bootstrap, count_pairs
 from elo.ratings_store import BTFit, load_history, save_fit
@@ -41,7 +42,7 @@ MATHTEXT = r"policy-$\frac{$"  # as mathtext, matplotlib fails to draw it
 
 def publish(versions_dir: Path, version: str, manifest: dict) -> None:
     """A version folder as the learner publishes it: files, then the manifest, renamed in."""
-    with artifacts.atomic_dir(versions_dir / version, kind="test") as tmp:
+    with folders.atomic_dir(versions_dir / version, kind="test") as tmp:
         (tmp / "adapter_model.safetensors").write_bytes(version.encode() * 64)
         artifacts.write_manifest(tmp, {"id": version, **manifest})
 

@@ -1,0 +1,120 @@
+"""How a version folder comes into the store: complete or not at all, under a fresh name.
+
+Its files are written into a hidden temp folder in the same directory
+(`.tmp-<kind>-<host>-<pid>-<random>`), fsynced, and renamed into place (`publish`: an atomic
+`rename` on one file system). A process killed half-way leaves only a hidden temp folder,
+removed by the next run on the same host (`clean_stale_temp`; a folder of another host's
+process is that host's to remove: its pid means nothing here). Names are immutable: a
+version is never rewritten under the same name (`allocate_id` skips names that exist).
+
+One implementation for every writer: the learner's versions and checkpoints
+(learner/artifacts.py, learner/policy_trainer.py) and the store's imports (deploy/store.py).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+TEMP_PREFIX = ".tmp-"
+VERSION_RE = re.compile(r"^(policy|rm)-v(\d+)$")
+
+
+def new_temp_dir(parent: Path, kind: str) -> Path:
+    """A fresh hidden folder in `parent` named after this host and process."""
+    parent.mkdir(parents=True, exist_ok=True)
+    host = socket.gethostname().replace("-", "_") or "host"
+    temp = parent / f"{TEMP_PREFIX}{kind}-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    temp.mkdir()
+    return temp
+
+
+def publish(temp: Path, final: Path) -> None:
+    """fsync `temp`'s files, then rename it to `final` (FileExistsError if that exists)."""
+    _fsync_tree(temp)
+    if final.exists():
+        raise FileExistsError(f"{final} exists; version names are immutable")
+    os.rename(temp, final)  # atomic on one file system
+    _fsync_dir(final.parent)
+
+
+@contextmanager
+def atomic_dir(final: Path, kind: str = "version") -> Iterator[Path]:
+    """Yield a temp folder beside `final`; on success it is published as `final`.
+
+    On an exception the temp folder is removed; on SIGKILL it stays hidden (`.tmp-…`) and
+    `clean_stale_temp` removes it later."""
+    temp = new_temp_dir(final.parent, kind)
+    try:
+        yield temp
+        publish(temp, final)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+
+
+def clean_stale_temp(folder: Path) -> list[Path]:
+    """Remove the temp folders in `folder` left by dead processes of this host."""
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    here = socket.gethostname().replace("-", "_") or "host"
+    for p in folder.iterdir():
+        if not p.name.startswith(TEMP_PREFIX):
+            continue
+        parts = p.name[len(TEMP_PREFIX):].split("-")  # kind, [host], pid, random
+        pid = int(parts[-2]) if len(parts) >= 3 and parts[-2].isdigit() else None
+        host = "-".join(parts[1:-2]) or here  # no host: written before names had one
+        if host != here or (pid is not None and (pid == os.getpid() or _pid_alive(pid))):
+            continue  # another host's, or still being written by a live process
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
+def allocate_id(folder: Path, kind: str, next_id: Callable[[], str] | None = None) -> str:
+    """A fresh `policy-vN` / `rm-vN` (kind "policy", or "rm"/"reward"): from the registry's
+    counter when given, else one above the highest in `folder`; never the name of an
+    existing folder (one left by a crash under an unregistered id is skipped)."""
+    prefix = "policy" if kind == "policy" else "rm"
+    while True:
+        if next_id is not None:
+            candidate = next_id()
+        else:
+            numbers = [int(m.group(2)) for p in folder.glob(f"{prefix}-v*")
+                       if (m := VERSION_RE.match(p.name))]
+            candidate = f"{prefix}-v{max(numbers, default=0) + 1}"
+        if not (folder / candidate).exists():
+            return candidate
+
+
+def _fsync_tree(folder: Path) -> None:
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            with p.open("rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

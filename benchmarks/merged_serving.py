@@ -17,7 +17,6 @@ promotes it, then measures through the gateway, N concurrent requests in waves:
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import signal
@@ -39,6 +38,7 @@ from core.vllm_server import vllm_command  # noqa: E402
 from deploy.admin_client import AdminClient  # noqa: E402
 from learner.presets import DEFAULT_LORA_TARGETS  # noqa: E402
 from serve.merged_serving import MERGED_KEY, MergedServing  # noqa: E402
+from testkit.load_options import load_parser  # noqa: E402
 from testkit.net import wait_http  # noqa: E402
 from testkit.processes import loopback_settings, start_arena, start_gateway, stop_group  # noqa: E402
 from testkit.tiny_model import benchmark_model, build_lora_adapter  # noqa: E402
@@ -75,14 +75,7 @@ async def mixed_run(gw_url: str, chat: int, battles: int, requests: int, max_tok
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(ROOT / "var/models/base"),
-                        help="HF folder of the base model, or 'tiny'")
-    parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--requests", type=int, default=32, help="per round")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser = load_parser(__doc__)
     parser.add_argument("--battle-concurrency", type=int, default=2,
                         help="battle requests at a time in the mixed run")
     parser.add_argument("--json", type=Path, help="also write the figures here")

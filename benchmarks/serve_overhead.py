@@ -14,7 +14,6 @@ then, in the same run and with the same prompts:
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import signal
@@ -32,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from arena.redis_server import start_redis  # noqa: E402
 from core.vllm_server import vllm_command  # noqa: E402
+from testkit.load_options import load_parser  # noqa: E402
 from testkit.net import wait_http  # noqa: E402
 from testkit.processes import loopback_settings, start_gateway, stop_group  # noqa: E402
 from testkit.tiny_model import benchmark_model, build_lora_adapter  # noqa: E402
@@ -140,14 +140,7 @@ def transformers_generate(model_dir: Path, batch: int, max_tokens: int) -> float
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(ROOT / "var/models/base"),
-                        help="HF folder of the base model, or 'tiny'")
-    parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--requests", type=int, default=32, help="per round")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser = load_parser(__doc__)
     parser.add_argument("--skip-lora", action="store_true")
     parser.add_argument("--max-loras", type=int, default=4, help="vLLM's --max-loras")
     parser.add_argument("--max-lora-rank", type=int, default=16, help="vLLM's --max-lora-rank")

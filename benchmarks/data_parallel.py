@@ -62,6 +62,8 @@ def main() -> None:
     parser.add_argument("--ppo-steps", type=int, default=None,
                         help="PPO steps (default: 4 on SmolLM2, the preset's on tiny)")
     parser.add_argument("--votes", type=int, default=N_VOTES)
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="vote sets (seeds 1..N): PPO's gain is noisy, compare it over several")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -69,37 +71,42 @@ def main() -> None:
         work = Path(tmp)
         model_dir, tiny = benchmark_model(args.model, work)
         prompts = load_shipped_prompts()
-        votes = write_jsonl(work / "votes.jsonl", hidden_rule_votes(args.votes, prompts, seed=1))
         # PPO on the tiny model starts from its SFT (test_learner_training.py); the reward
         # model reads the random tiny base, as in the learner tests.
         policy_base = sft_tiny_base(model_dir, work / "tiny-sft", prompts) if tiny else model_dir
         steps = args.ppo_steps or (None if tiny else 4)
         redis_port = free_port()
         redis = start_redis(redis_port, work / "redis")
-        results = {}
+        results: dict[int, dict[str, dict]] = {}
         try:
-            for processes, threads in CONFIGS:
-                name = f"p{processes}t{threads}"
-                settings = Settings(
-                    _env_file=None, data_dir=work / name, redis_port=redis_port,
-                    base_model=policy_base, learner_reward_base_model=model_dir,
-                    learner_preset="tiny" if tiny else "cpu", learner_processes=processes,
-                    learner_threads=threads, learner_rollout="transformers",
-                    learner_user_prompts=0, learner_ppo_steps=steps, learner_nice=0,
-                    admin_token="bench", session_secret="bench")
-                print(f"{processes} process(es) × {threads} thread(s) …", flush=True)
-                results[name] = run(settings, votes, name)
+            for seed in range(1, args.seeds + 1):
+                votes = write_jsonl(work / f"votes-{seed}.jsonl",
+                                    hidden_rule_votes(args.votes, prompts, seed=seed))
+                results[seed] = {}
+                for processes, threads in CONFIGS:
+                    name = f"s{seed}p{processes}t{threads}"
+                    settings = Settings(
+                        _env_file=None, data_dir=work / name, redis_port=redis_port,
+                        base_model=policy_base, learner_reward_base_model=model_dir,
+                        learner_preset="tiny" if tiny else "cpu", learner_processes=processes,
+                        learner_threads=threads, learner_rollout="transformers",
+                        learner_user_prompts=0, learner_ppo_steps=steps, learner_nice=0,
+                        admin_token="bench", session_secret="bench")
+                    print(f"votes seed {seed}: {processes} process(es) × {threads} thread(s) …",
+                          flush=True)
+                    results[seed][name[name.index("p"):]] = run(settings, votes, name)
         finally:
             stop_group(redis)
 
-    base = results["p1t1"]
-    print(f"\n{args.votes} hidden-rule votes, model {args.model}, PPO steps "
+    first = results[1]
+    base = first["p1t1"]
+    print(f"\n{args.votes} hidden-rule votes (seed 1), model {args.model}, PPO steps "
           f"{base['ppo']['steps']}\n")
     print(f"{'':24} {'RM acc':>7} {'RM loss':>8} {'RM s':>6} {'ratio':>6}  "
           f"{'PPO reward':>15} {'KL':>5} {'PPO s':>6} {'ans/s':>6} {'ratio':>6} {'grad diff':>9}")
-    for (processes, threads), r in zip(CONFIGS, results.values(), strict=True):
+    for (processes, threads), r in zip(CONFIGS, first.values(), strict=True):
         rm, ppo = r["rm"], r["ppo"]
-        print(f"{processes} proc × {threads} thread{'s' if threads > 1 else ' '}     "
+        print(f"{label(processes, threads)}     "
               f"{rm['heldout_accuracy']:7.3f} {rm['heldout_loss']:8.4f} {r['rm_s']:6.1f} "
               f"{base['rm_s'] / r['rm_s']:5.2f}x  "
               f"{ppo['reward_start']:+6.3f} → {ppo['reward_end']:+6.3f} {ppo['kl_end']:5.2f} "
@@ -107,7 +114,20 @@ def main() -> None:
               f"{max(rm['grad_spread'], ppo['grad_spread_max']):9.1e}")
     print("\nratio: the baseline's wall time (1 process, 1 thread) over this one's, launch "
           "included; grad diff: max |g_rank − g_0| after DDP's all-reduce (0 on 1 process).")
+    if args.seeds > 1:
+        print("\nPPO eval reward gain (end − start) per vote seed, and RM held-out loss:")
+        for processes, threads in CONFIGS:
+            key = f"p{processes}t{threads}"
+            gains = [results[s][key]["ppo"]["reward_end"] - results[s][key]["ppo"]["reward_start"]
+                     for s in results]
+            losses = [results[s][key]["rm"]["heldout_loss"] for s in results]
+            print(f"{label(processes, threads)}  gain "
+                  + " ".join(f"{g:+.3f}" for g in gains) + f"  mean {sum(gains) / len(gains):+.3f}"
+                  + "   RM loss " + " ".join(f"{x:.4f}" for x in losses))
 
+
+def label(processes: int, threads: int) -> str:
+    return f"{processes} proc × {threads} thread{'s' if threads > 1 else ' '}"
 
 if __name__ == "__main__":
     main()

@@ -80,10 +80,14 @@ def run_launched(settings: Settings, phase: str, task_id: str, *,
                  lock_token: str | None = None, fence: str | None = None) -> dict[str, Any]:
     """Run one phase as settings.learner_processes training processes and wait: their
     output goes to this process's log, rank 0's result (or its exception) comes back."""
-    from learner.pipeline import NotEnoughVotes
+    from learner.pipeline import NotEnoughVotes, preset_for
+    from learner.presets import check_processes
     from learner.tasks import IterationCancelled
     from learner.trigger import LockLost
 
+    # Before any process starts: an iteration's PPO phase must be able to split its batches
+    # (checked at the reward model too, not after it trained).
+    check_processes(preset_for(settings).ppo, settings.learner_processes)
     options: list[str] = []
     for flag, value in (("--votes", votes_jsonl), ("--rm-version", rm_version),
                         ("--parent", parent), ("--celery-task-id", celery_task_id),

@@ -45,7 +45,7 @@ from deploy.folders import atomic_dir
 from learner import ppo
 from learner.data_parallel import SINGLE, DataParallel
 from learner.precision import amp_dtype, autocast, pick_device
-from learner.presets import PPOPreset
+from learner.presets import PPOPreset, check_processes
 from learner.prompt_pool import PromptPool
 from learner.rollout import RolloutBackend
 from learner.sanity import repetition_share
@@ -303,10 +303,7 @@ def train_policy(base_model: Path, preset: PPOPreset, reward_fn: RewardFn, pool:
     `guard()` runs before each checkpoint write and raises if this run may no longer write
     (it lost the learner lock). `initial_kl_coef`: where the adaptive β starts (the parent
     run's final β, so that one controller spans the loop's iterations; None: the preset's)."""
-    if preset.rollout_batch % parallel.world or preset.minibatch_size % parallel.world:
-        raise ValueError(f"rollout_batch {preset.rollout_batch} and minibatch_size "
-                         f"{preset.minibatch_size} must divide by the {parallel.world} "
-                         "training processes")
+    check_processes(preset, parallel.world)
     rollout_batch = preset.rollout_batch // parallel.world  # this rank's answers per step
     minibatch_size = preset.minibatch_size // parallel.world
     torch.manual_seed(preset.seed)  # the same initial weights on every rank

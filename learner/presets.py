@@ -179,6 +179,15 @@ PRESETS["cpu-length-control"] = replace(
     reward=replace(PRESETS["cpu"].reward, length_control=True))
 
 
+def check_processes(ppo: PPOPreset, processes: int) -> None:
+    """PPO splits each step's answers and minibatches over the training processes: both must
+    divide by their number (ValueError saying so)."""
+    if ppo.rollout_batch % processes or ppo.minibatch_size % processes:
+        raise ValueError(f"PPO's rollout_batch {ppo.rollout_batch} and minibatch_size "
+                         f"{ppo.minibatch_size} must divide by the {processes} training "
+                         "processes (ARENA_LEARNER_PROCESSES)")
+
+
 def get_preset(name: str) -> Preset:
     try:
         return PRESETS[name]

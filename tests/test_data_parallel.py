@@ -194,6 +194,13 @@ def test_training_processes_stop_when_the_worker_is_killed(
         assert not alive, [p.cmdline() for p in alive]
 
 
+def test_processes_that_cannot_split_ppos_batches_are_refused_before_launch(
+        settings: Settings) -> None:
+    three = with_processes(settings, 3, "three")  # the tiny preset: 48 answers, minibatch 8
+    with pytest.raises(ValueError, match="minibatch_size 8 must divide by the 3 training"):
+        run_launched(three, "reward", "rm-three")
+
+
 @pytest.mark.slow
 def test_a_phase_that_stops_comes_back_as_its_exception(settings: Settings,
                                                        tmp_path: Path) -> None:

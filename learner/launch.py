@@ -63,10 +63,11 @@ def launch_command(settings: Settings, phase: str, task_id: str, result: Path,
 
 
 def _stop_with_parent() -> None:
-    """In the launcher's child, before exec: SIGTERM when the worker process dies (killed,
-    or revoked by an operator), which torchrun passes on to the ranks, so that no orphaned
-    training runs on beside a re-delivered one (they would also stop at their next line of
-    output into the dead worker's pipe). Linux only; elsewhere a no-op."""
+    """SIGTERM to this process when its parent dies. Set twice, so that no orphaned training
+    runs on beside a re-delivered task: in the launcher (before exec, from the worker that
+    starts it), and in every rank (torchrun starts each in a session of its own, out of reach
+    of a signal to the launcher's group, so a launcher killed with SIGKILL would leave them
+    running). Linux only; elsewhere a no-op."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
     except OSError:
@@ -156,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     from learner.precision import pick_device
     from learner.tasks import progress_line
 
+    _stop_with_parent()  # this rank ends with its launcher
     args = parse(sys.argv[1:] if argv is None else argv)
     result: dict[str, Any]
     accelerator = Accelerator(cpu=pick_device().type == "cpu")

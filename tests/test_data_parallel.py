@@ -15,6 +15,7 @@ and PPO under `accelerate launch` with 2 CPU processes (gloo), against 1 process
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -168,6 +169,39 @@ def test_iteration_on_two_processes_through_the_worker(
                          parent="base", votes_jsonl=votes_file)
     assert alone["metrics"]["processes"] == 1
     assert alone["metrics"]["reward_end"] > alone["metrics"]["reward_start"], alone["metrics"]
+
+
+@pytest.mark.slow
+def test_ppo_on_two_processes_resumes_from_rank_0s_checkpoint(
+        settings: Settings, sft_base: Path, votes_file: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """kill -9 of the whole group after a checkpoint; the same task run again resumes there
+    on both ranks and publishes once."""
+    for key, value in LEARNER_ENV.items():
+        monkeypatch.setenv(key, value)
+    two = with_processes(settings, 2, "resume", base_model=sft_base)
+    rm = run_launched(two, "reward", "rm-resume", votes_jsonl=votes_file)["version"]
+    options = ("--rm-version", rm, "--parent", "base", "--votes", str(votes_file))
+    argv = launch_command(two, "policy", "ppo-resume", two.data_dir / "first.json", *options)
+    first = subprocess.Popen(argv, env={**settings_env(two)}, cwd=ROOT, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = two.versions_dir / artifacts.WORK_DIR / "ppo-resume" / "checkpoints"
+    deadline = time.monotonic() + 120
+    while not list(checkpoints.glob("step-*/trainer_state.json")):
+        assert first.poll() is None and time.monotonic() < deadline, "no checkpoint written"
+        time.sleep(0.1)
+    stop_group(first, signal.SIGKILL)
+    assert not (two.data_dir / "first.json").exists()  # it never finished
+
+    again = run_launched(two, "policy", "ppo-resume", rm_version=rm, parent="base",
+                         votes_jsonl=votes_file)
+    metrics = again["metrics"]
+    assert metrics["resumed_from_step"] >= 2 and metrics["processes"] == 2, metrics
+    history = artifacts.read_manifest(Path(again["path"]))["history"]
+    assert [row["step"] for row in history] == list(range(1, metrics["steps"] + 1))
+    assert all(row["grad_spread"] <= SAME_GRADIENT for row in history)
+    assert [p.name for p in artifacts.list_versions(two.versions_dir, "policy")] == \
+        [again["version"]]
 
 
 @pytest.mark.slow

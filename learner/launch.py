@@ -89,6 +89,10 @@ def run_launched(settings: Settings, phase: str, task_id: str, *,
     # Before any process starts: an iteration's PPO phase must be able to split its batches
     # (checked at the reward model too, not after it trained).
     check_processes(preset_for(settings).ppo, settings.learner_processes)
+    config = settings.learner_accelerate_config
+    if config is not None and not config.is_file():
+        raise ValueError(f"ARENA_LEARNER_ACCELERATE_CONFIG: no file at {config} (an accelerate "
+                         "config, e.g. configs/accelerate/multi-gpu.yaml)")
     options: list[str] = []
     for flag, value in (("--votes", votes_jsonl), ("--rm-version", rm_version),
                         ("--parent", parent), ("--celery-task-id", celery_task_id),

@@ -228,11 +228,14 @@ def test_training_processes_stop_when_the_worker_is_killed(
         assert not alive, [p.cmdline() for p in alive]
 
 
-def test_processes_that_cannot_split_ppos_batches_are_refused_before_launch(
+def test_settings_that_cannot_work_are_refused_before_launch(
         settings: Settings) -> None:
     three = with_processes(settings, 3, "three")  # the tiny preset: 48 answers, minibatch 8
     with pytest.raises(ValueError, match="minibatch_size 8 must divide by the 3 training"):
         run_launched(three, "reward", "rm-three")
+    missing = with_processes(settings, 2, "two", learner_accelerate_config=Path("/nowhere.yaml"))
+    with pytest.raises(ValueError, match="no file at /nowhere.yaml"):
+        run_launched(missing, "reward", "rm-two")
 
 
 @pytest.mark.slow

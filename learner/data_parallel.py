@@ -77,10 +77,21 @@ class DataParallel:
         return gather_object(list(values))
 
     def total(self, value: torch.Tensor) -> torch.Tensor:
-        """The sum over the ranks of a tensor (float64 sums for statistics stay exact)."""
+        """The sum over the ranks of a tensor (float64 sums for statistics stay exact), on
+        the tensor's own device (NCCL reduces on the GPU only: moved there and back)."""
         if not self.active:
             return value
-        return self.accelerator.reduce(value.clone(), reduction="sum")
+        summed = self.accelerator.reduce(value.to(self.accelerator.device), reduction="sum")
+        return summed.to(value.device)
+
+    def share(self, value: Any) -> Any:
+        """Rank 0's `value` on every rank (what each rank would read itself, e.g. the votes
+        from a database that may change between two reads, must be the same on all)."""
+        if not self.active:
+            return value
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([value if self.is_main else None])[0]
 
     def mean(self, value: float) -> float:
         if not self.active:
@@ -104,7 +115,7 @@ class DataParallel:
             return
         for p in params:
             if p.grad is not None:
-                p.grad.copy_(self.accelerator.reduce(p.grad.clone(), reduction="mean"))
+                p.grad.copy_(self.total(p.grad) / self.world)
 
     def gradient_spread(self, params: list[torch.Tensor]) -> float:
         """max |g_k − g_0| over the ranks and every gradient entry: 0 (to rounding) when the

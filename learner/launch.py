@@ -1,7 +1,7 @@
 """One learner phase as a group of data-parallel training processes: the entry that
 `accelerate launch` starts on every rank (learner/data_parallel.py).
 
-    accelerate launch --num_processes 2 [--cpu] [--config_file accelerate/fsdp.yaml] \\
+    accelerate launch --num_processes 2 --multi_gpu \\
         -m learner.launch reward --task-id T [--votes votes.jsonl] --result out.json
     accelerate launch --num_processes 2 -m learner.launch policy --task-id T \\
         [--rm-version rm-v3] [--parent policy-v2] --result out.json
@@ -37,7 +37,8 @@ from learner.data_parallel import DataParallel
 
 log = logging.getLogger("learner.launch")
 # Exceptions that cross from rank 0 back to the worker by name (the pipeline's and the
-# iteration's: the worker handles each as when the phase ran in its own process).
+# iteration's: the worker handles each as when the phase ran in its own process); the
+# classes are looked up on the worker's side (`run_launched`).
 RAISED = ("NotEnoughVotes", "LockLost", "IterationCancelled")
 OUTPUT_TAIL_CHARS = 3000  # of a failed launch's output, in the worker's error
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
@@ -62,17 +63,25 @@ def launch_command(settings: Settings, phase: str, task_id: str, result: Path,
             "--result", str(result), *options]
 
 
+def _load_libc() -> Any:
+    """libc, loaded here and not between fork and exec (a dlopen there may deadlock)."""
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return None
+
+
+LIBC = _load_libc()
+
+
 def _stop_with_parent() -> None:
     """SIGTERM to this process when its parent dies. Set twice, so that no orphaned training
     runs on beside a re-delivered task: in the launcher (before exec, from the worker that
     starts it), and in every rank (torchrun starts each in a session of its own, out of reach
     of a signal to the launcher's group, so a launcher killed with SIGKILL would leave them
     running). Linux only; elsewhere a no-op."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    except OSError:
-        return
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if LIBC is not None:
+        LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def run_launched(settings: Settings, phase: str, task_id: str, *,
@@ -93,6 +102,14 @@ def run_launched(settings: Settings, phase: str, task_id: str, *,
     if config is not None and not config.is_file():
         raise ValueError(f"ARENA_LEARNER_ACCELERATE_CONFIG: no file at {config} (an accelerate "
                          "config, e.g. configs/accelerate/multi-gpu.yaml)")
+    if config is None and settings.learner_processes > 1:
+        import torch
+
+        gpus = torch.cuda.device_count()  # DDP puts one process on each GPU
+        if 0 < gpus < settings.learner_processes:
+            raise ValueError(f"ARENA_LEARNER_PROCESSES={settings.learner_processes} but this "
+                             f"machine has {gpus} GPU(s): one process per GPU (or hide them, "
+                             "CUDA_VISIBLE_DEVICES=, to train on the CPUs)")
     options: list[str] = []
     for flag, value in (("--votes", votes_jsonl), ("--rm-version", rm_version),
                         ("--parent", parent), ("--celery-task-id", celery_task_id),
@@ -118,9 +135,9 @@ def run_launched(settings: Settings, phase: str, task_id: str, *,
         raise RuntimeError(f"learner {phase} under accelerate launch exited with "
                            f"{proc.returncode}: {''.join(tail)[-OUTPUT_TAIL_CHARS:]}")
     if raised is not None:
-        kind = {"NotEnoughVotes": NotEnoughVotes, "LockLost": LockLost,
-                "IterationCancelled": IterationCancelled}[raised["type"]]
-        raise kind(raised["message"])
+        kinds = {kind.__name__: kind for kind in (NotEnoughVotes, LockLost, IterationCancelled)}
+        assert set(kinds) == set(RAISED)
+        raise kinds[raised["type"]](raised["message"])
     return result
 
 
@@ -161,7 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     from learner.precision import pick_device
     from learner.tasks import progress_line
 
-    _stop_with_parent()  # this rank ends with its launcher
+    launcher = os.getppid()
+    _stop_with_parent()  # this rank ends with its launcher …
+    if os.getppid() != launcher:  # … which may have ended before that was set
+        return STOPPED_EXIT
     args = parse(sys.argv[1:] if argv is None else argv)
     result: dict[str, Any]
     accelerator = Accelerator(cpu=pick_device().type == "cpu")
@@ -202,10 +222,10 @@ def main(argv: list[str] | None = None) -> int:
         if parallel.is_main and args.result is not None:
             _write(args.result, result)
         os._exit(STOPPED_EXIT)  # not waiting for ranks that are inside a collective
-    parallel.wait()
     if parallel.is_main and args.result is not None:
         _write(args.result, result)
-    accelerator.end_training()
+    # No barrier at the end: the other ranks are done once training is (rank 0 alone checks
+    # and publishes), and a barrier would time out if that took longer than NCCL waits.
     return 0
 
 

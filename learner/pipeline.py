@@ -173,7 +173,8 @@ def run_reward_model(settings: Settings, task_id: str, votes_jsonl: str | Path |
     preset = preset_for(settings)
     state = _task_state(settings, task_id, parallel, until=time.time())
     source = vote_source(settings, votes_jsonl)
-    votes = source.votes(until=state["until"])
+    # Rank 0 reads, every rank gets the same (a database read may differ between two).
+    votes = parallel.share(source.votes(until=state["until"]) if parallel.is_main else None)
     if not votes:
         raise NotEnoughVotes(f"no votes in {source.describe()} yet")
     base = settings.learner_reward_base_model or settings.base_model_path
@@ -287,13 +288,19 @@ def run_policy(settings: Settings, task_id: str, rm_version: str | None = None,
     folders.clean_stale_temp(work / "checkpoints")
     state = _task_state(settings, task_id, parallel, until=time.time())
 
-    # The reward model, the parent policy and the prompts.
-    rm_dir = _resolve_rm(settings, rm_version)
+    # The reward model, the parent policy and the prompts: read by rank 0 and shared, so
+    # that every rank trains on the same (the registry and the archive may change between
+    # two reads, and only rank 0 has the registry).
+    rm_dir = Path(parallel.share(str(_resolve_rm(settings, rm_version)) if parallel.is_main
+                                 else None))
     rm_manifest = artifacts.read_manifest(rm_dir)
     reward_model, _ = load_reward_model(rm_dir, Path(rm_manifest["base_model"]),
                                         preset.ppo.precision)
-    parent_id, parent_path = _resolve_parent(settings, registry, parent)
-    pool = PromptPool(user=user_prompts_from_archive(settings, settings.learner_user_prompts))
+    parent_id, parent_path = parallel.share(_resolve_parent(settings, registry, parent)
+                                            if parallel.is_main else None)
+    pool = PromptPool(user=parallel.share(
+        user_prompts_from_archive(settings, settings.learner_user_prompts)
+        if parallel.is_main else None))
     ptx_texts = None
     if preset.ppo.ptx_coef > 0:  # reference texts: the conversations with the preferred answer
         from transformers import AutoTokenizer
@@ -303,7 +310,8 @@ def run_policy(settings: Settings, task_id: str, rm_version: str | None = None,
                                    else v.conversation_b, preset.ppo.max_prompt_tokens)
                      + encode_answer(tokenizer, v.answer_a if v.winner == "a" else v.answer_b,
                                      preset.ppo.max_new_tokens)
-                     for v in vote_source(settings, votes_jsonl).votes(until=state["until"])
+                     for v in parallel.share(vote_source(settings, votes_jsonl).votes(
+                         until=state["until"]) if parallel.is_main else None)
                      if v.winner in ("a", "b")]
 
     factory = rollout_factory or make_rollout_factory(settings, preset, work, task_id)

@@ -565,9 +565,11 @@ def train_reward_model(votes: list[VoteRecord], base_model: Path, preset: Reward
     if preset.max_train_pairs is not None:  # votes come oldest first: keep the newest
         train = train[-preset.max_train_pairs:]
         held_out = held_out[-max(1, preset.max_train_pairs * preset.eval_percent // 100):]
+    if not train:
+        raise ValueError(f"no trainable votes among {len(votes)} (both_bad and skipped ties "
+                         "carry no ranking)")
     if len(train) < parallel.world:
-        raise ValueError(f"{len(train)} trainable votes among {len(votes)} (both_bad and "
-                         f"skipped ties carry no ranking), fewer than the {parallel.world} "
+        raise ValueError(f"{len(train)} trainable votes, fewer than the {parallel.world} "
                          "training processes")
     my_train, my_held_out = parallel.shard(train), parallel.shard(held_out)
     mine = {id(p) for p in my_train}
@@ -655,6 +657,8 @@ def train_reward_model(votes: list[VoteRecord], base_model: Path, preset: Reward
             optimizer.step()
             step += 1
             # The whole batch's loss: its BT part summed over the ranks, the rest as is.
+            # (each rank's BT part is its share of the batch's mean, times the world size:
+            # their mean over the ranks is the batch's; the penalties are the same on all)
             step_loss = loss.item() - bt_loss.item() + parallel.mean(bt_loss.item())
             epoch_loss += step_loss * len(batch)
             if progress is not None:

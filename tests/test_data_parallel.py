@@ -45,6 +45,12 @@ LEARNER_ENV = {"ARENA_LEARNER_ROLLOUT": "transformers", "ARENA_LEARNER_THREADS":
                "ARENA_LEARNER_USER_PROMPTS": "0"}
 
 
+@pytest.fixture(autouse=True)
+def on_the_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The training processes run on the CPUs (gloo) on any machine, a GPU one included."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
 @pytest.fixture(scope="module")
 def votes_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("votes") / "votes.jsonl",

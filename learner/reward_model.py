@@ -537,6 +537,19 @@ def evaluate_pairs(model: RewardModel, pairs: list[Pair], pad_id: int, batch_siz
 
 
 # --- training ------------------------------------------------------------------------------
+def rank_share(batch: list[Any], mine: set[int], spare: Any, world: int
+               ) -> tuple[list[Any], float]:
+    """This rank's part of a batch every rank draws alike, and the weight of its summed loss.
+
+    The pairs of the batch it holds (`mine`: their ids), the loss summed over them × world
+    / |batch|: DDP averages the ranks' gradients (÷ world), so the result is the gradient of
+    the whole batch's mean loss, however unevenly the batch falls. A rank that holds none of
+    it runs one pair of its own (`spare`) at weight 0: every rank must run the forward and
+    backward that DDP waits for."""
+    own = [item for item in batch if id(item) in mine]
+    return (own, world / len(batch)) if own else ([spare], 0.0)
+
+
 @dataclass
 class RewardTrainResult:
     model: RewardModel
@@ -629,13 +642,8 @@ def train_reward_model(votes: list[VoteRecord], base_model: Path, preset: Reward
         epoch_loss = 0.0
         for start in range(0, len(train), preset.batch_size):
             batch = train[start:start + preset.batch_size]
-            # This rank's pairs of the batch; with none, one of its own at weight 0, so that
-            # every rank runs the forward and backward DDP waits for.
-            own = [p for p in batch if id(p) in mine]
-            chunk = own or my_train[:1]
-            # mean over the whole batch = Σ over the ranks' shares / |batch|; DDP divides
-            # the summed gradients by the world size, so each rank's sum is scaled by it.
-            share = parallel.world / len(batch) if own else 0.0
+            chunk, share = rank_share(batch, mine, my_train[0], parallel.world)
+            own = share > 0
             targets = torch.tensor([p.target for p in chunk], device=model.device)
             rewards = pair_rewards(forward, chunk, pad_id, cache)
             deltas = rewards[: len(chunk)] - rewards[len(chunk):]  # Δ = r_a − r_b

@@ -118,6 +118,7 @@ def test_ddp_averages_the_ranks_gradients() -> None:
     assert figures["ddp_spread"] <= SAME_GRADIENT  # … averaged by DDP: the same everywhere
     assert figures["ddp_vs_one_process"] <= 1e-5  # … and the gradient of all the rows
     assert figures["moments_vs_one_process"] <= 1e-5  # PPO's whitening: over all the rows
+    assert figures["rm_split_vs_one_process"] <= 1e-6  # uneven, and a rank with none
 
 
 @pytest.mark.slow

@@ -20,7 +20,8 @@ value head, optimiser, β, RNG, history) is written atomically; a re-run resumes
 Data-parallel (`parallel`, learner/data_parallel.py, under `accelerate launch`): every rank
 samples its own rollout_batch / N answers (its own seeds), scores them and runs the same
 number of minibatch updates on minibatch_size / N rows; DDP averages the gradients, so each
-update is one over rollout_batch answers and the weights stay equal on every rank (checked:
+update is one over minibatch_size rows (the mean of the ranks' token means, where one process
+takes one token mean over them all) and the weights stay equal on every rank (checked:
 `grad_spread` in the history). Advantages are whitened with the mean and variance over
 every rank's rollouts, and β adapts to the KL of all of them. Rank 0 writes the checkpoints.
 """

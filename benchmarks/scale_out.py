@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import statistics
 import subprocess
@@ -32,8 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from feedback.archive import Archive  # noqa: E402
-from testkit.net import free_port_ranges  # noqa: E402
-from testkit.processes import stop_group  # noqa: E402
+from testkit.processes import arena_up_env, stop_group  # noqa: E402
 from testkit.tiny_model import build_tiny_model  # noqa: E402
 
 CHAT = {"model": "current", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}
@@ -51,20 +49,12 @@ class Figures:
 
 def start_stack(work: Path, model_dir: Path, gateways: int, replicas: int
                 ) -> tuple[subprocess.Popen, list[str]]:
-    gateway_port, vllm_port, redis_port = free_port_ranges(gateways, replicas, 1)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ARENA_")}
-    env.update({
-        "ARENA_DATA_DIR": str(work / "var"), "ARENA_BASE_MODEL": str(model_dir),
-        "ARENA_REDIS_PORT": str(redis_port), "ARENA_GATEWAY_PORT": str(gateway_port),
-        "ARENA_VLLM_PORT": str(vllm_port), "ARENA_GATEWAYS": str(gateways),
-        "ARENA_VLLM_REPLICAS": str(replicas), "ARENA_VLLM_KVCACHE_GIB": "1",
-        "ARENA_VLLM_MAX_MODEL_LEN": "512", "ARENA_MERGED_CURRENT": "false",
+    env = arena_up_env(work, model_dir, gateways, replicas, **{
+        "ARENA_MERGED_CURRENT": "false",
         "ARENA_RATE_CHAT_PER_SESSION": "0", "ARENA_RATE_BATTLE_PER_SESSION": "0",
         "ARENA_RATE_VOTE_PER_SESSION": "0", "ARENA_RATE_CHAT_PER_IP": "0",
         "ARENA_RATE_BATTLE_PER_IP": "0", "ARENA_RATE_VOTE_PER_IP": "0",
-        "ARENA_LEARN_EVERY_VOTES": "1000000000", "ARENA_ARCHIVE_CHATS": "false",
-        "PYTHONPATH": str(ROOT),
-    })
+        "ARENA_LEARN_EVERY_VOTES": "1000000000", "ARENA_ARCHIVE_CHATS": "false"})
     log = (work / "launcher.log").open("w")
     launcher = subprocess.Popen([sys.executable, "-m", "arena.cli", "up"], env=env, cwd=ROOT,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -74,7 +64,8 @@ def start_stack(work: Path, model_dir: Path, gateways: int, replicas: int
             stop_group(launcher)
             sys.exit(f"arena up failed; see {work / 'launcher.log'}")
         time.sleep(1)
-    return launcher, [f"http://127.0.0.1:{gateway_port + i}" for i in range(gateways)]
+    first = int(env["ARENA_GATEWAY_PORT"])
+    return launcher, [f"http://127.0.0.1:{first + i}" for i in range(gateways)]
 
 
 def client(gateways: list[str], index: int, stop: threading.Event, figures: Figures,

@@ -75,3 +75,21 @@ def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float
         proc.wait()
     except ProcessLookupError:
         pass
+
+
+def arena_up_env(work: Path, model_dir: Path, gateways: int = 1, replicas: int = 1,
+                 **extra: str) -> dict[str, str]:
+    """`arena up`'s environment for a stack of our own on free ports (`gateways` and
+    `replicas` consecutive ones), the tiny learner preset; `extra` ARENA_* values on top.
+    Inherited ARENA_* variables are dropped: the stack is this one, whatever the shell set."""
+    redis_port, vllm_port, gateway_port = free_port_ranges(1, replicas, gateways)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ARENA_")}
+    env.update({
+        "ARENA_DATA_DIR": str(work / "var"), "ARENA_BASE_MODEL": str(model_dir),
+        "ARENA_REDIS_PORT": str(redis_port), "ARENA_VLLM_PORT": str(vllm_port),
+        "ARENA_GATEWAY_PORT": str(gateway_port), "ARENA_GATEWAYS": str(gateways),
+        "ARENA_VLLM_REPLICAS": str(replicas), "ARENA_VLLM_KVCACHE_GIB": "1",
+        "ARENA_VLLM_MAX_MODEL_LEN": "512", "ARENA_LEARNER_PRESET": "tiny", "COLUMNS": "200",
+        "PYTHONPATH": str(ROOT), **extra,
+    })
+    return env

@@ -29,7 +29,7 @@ from sqlalchemy import create_engine, text
 from arena.launcher import Backoff, ManagedProcess
 from conftest import POSTGRES_URL
 from feedback.archive import Archive
-from testkit.net import free_port_ranges
+from testkit.processes import arena_up_env
 
 pytestmark = pytest.mark.slow  # starts the whole stack
 
@@ -44,18 +44,8 @@ BATTLE = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}
 
 def stack_env(tmp_path: Path, tiny_model_dir: Path, gateways: int = 1, replicas: int = 1,
               **extra: str) -> dict[str, str]:
-    """`arena up`'s environment on free ports: `gateways` and `replicas` consecutive ones."""
-    redis_port, vllm_port, gateway_port = free_port_ranges(1, replicas, gateways)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ARENA_")}
-    env.update({
-        "ARENA_DATA_DIR": str(tmp_path / "var"), "ARENA_BASE_MODEL": str(tiny_model_dir),
-        "ARENA_REDIS_PORT": str(redis_port), "ARENA_VLLM_PORT": str(vllm_port),
-        "ARENA_GATEWAY_PORT": str(gateway_port), "ARENA_GATEWAYS": str(gateways),
-        "ARENA_VLLM_REPLICAS": str(replicas), "ARENA_VLLM_KVCACHE_GIB": "1",
-        "ARENA_VLLM_MAX_MODEL_LEN": "512", "ARENA_LEARNER_PRESET": "tiny", "COLUMNS": "200",
-        **extra,
-    })
-    return env
+    """`arena up`'s environment on free ports (testkit.processes.arena_up_env)."""
+    return arena_up_env(tmp_path, tiny_model_dir, gateways, replicas, **extra)
 
 
 def processes_of(data_dir: Path) -> list[int]:

@@ -7,7 +7,8 @@ seeds and preset, side by side in one run:
 
     1 process × 1 torch thread    the baseline (the worker's default)
     1 process × 2 torch threads   the same cores as 2 processes, used by one
-    2 processes × 1 thread each   data-parallel
+    2 processes × 1 thread each   data-parallel (DDP)
+    the same, sharded             FSDP2 (configs/accelerate/fsdp.yaml): the weights sharded
 
 Printed per configuration: the reward model's held-out accuracy and loss and its seconds; PPO's
 evaluation reward before → after, KL, seconds and answers per second; the largest gradient
@@ -41,7 +42,9 @@ from testkit.net import free_port  # noqa: E402
 from testkit.processes import stop_group  # noqa: E402
 from testkit.tiny_model import benchmark_model  # noqa: E402
 
-CONFIGS = ((1, 1), (1, 2), (2, 1))  # (processes, torch threads each)
+CONFIGS = ((1, 1, False), (1, 2, False), (2, 1, False), (2, 1, True))  # (processes,
+# torch threads each, weights sharded)
+FSDP_CONFIG = ROOT / "configs/accelerate/fsdp.yaml"
 N_VOTES = 400
 
 
@@ -83,18 +86,19 @@ def main() -> None:
                 votes = write_jsonl(work / f"votes-{seed}.jsonl",
                                     hidden_rule_votes(args.votes, prompts, seed=seed))
                 results[seed] = {}
-                for processes, threads in CONFIGS:
-                    name = f"s{seed}p{processes}t{threads}"
+                for processes, threads, sharded in CONFIGS:
+                    name = f"s{seed}{key(processes, threads, sharded)}"
                     settings = Settings(
                         _env_file=None, data_dir=work / name, redis_port=redis_port,
                         base_model=policy_base, learner_reward_base_model=model_dir,
                         learner_preset="tiny" if tiny else "cpu", learner_processes=processes,
                         learner_threads=threads, learner_rollout="transformers",
                         learner_user_prompts=0, learner_ppo_steps=steps, learner_nice=0,
+                        learner_accelerate_config=FSDP_CONFIG if sharded else None,
                         admin_token="bench", session_secret="bench")
-                    print(f"votes seed {seed}: {processes} process(es) × {threads} thread(s) …",
+                    print(f"votes seed {seed}: {label(processes, threads, sharded)} …",
                           flush=True)
-                    results[seed][name[name.index("p"):]] = run(settings, votes, name)
+                    results[seed][key(processes, threads, sharded)] = run(settings, votes, name)
         finally:
             stop_group(redis)
 
@@ -102,32 +106,39 @@ def main() -> None:
     base = first["p1t1"]
     print(f"\n{args.votes} hidden-rule votes (seed 1), model {args.model}, PPO steps "
           f"{base['ppo']['steps']}\n")
-    print(f"{'':24} {'RM acc':>7} {'RM loss':>8} {'RM s':>6} {'ratio':>6}  "
+    print(f"{'':29} {'RM acc':>7} {'RM loss':>8} {'RM s':>6} {'ratio':>6}  "
           f"{'PPO reward':>15} {'KL':>5} {'PPO s':>6} {'ans/s':>6} {'ratio':>6} {'grad diff':>9}")
-    for (processes, threads), r in zip(CONFIGS, first.values(), strict=True):
+    for (processes, threads, sharded), r in zip(CONFIGS, first.values(), strict=True):
         rm, ppo = r["rm"], r["ppo"]
-        print(f"{label(processes, threads)}     "
+        spread = "—" if sharded else f"{max(rm['grad_spread'], ppo['grad_spread_max']):.1e}"
+        print(f"{label(processes, threads, sharded)}     "
               f"{rm['heldout_accuracy']:7.3f} {rm['heldout_loss']:8.4f} {r['rm_s']:6.1f} "
               f"{base['rm_s'] / r['rm_s']:5.2f}x  "
               f"{ppo['reward_start']:+6.3f} → {ppo['reward_end']:+6.3f} {ppo['kl_end']:5.2f} "
               f"{r['ppo_s']:6.1f} {ppo['samples_per_s']:6.2f} {base['ppo_s'] / r['ppo_s']:5.2f}x "
-              f"{max(rm['grad_spread'], ppo['grad_spread_max']):9.1e}")
+              f"{spread:>9}")
     print("\nratio: the baseline's wall time (1 process, 1 thread) over this one's, launch "
-          "included; grad diff: max |g_rank − g_0| after DDP's all-reduce (0 on 1 process).")
+          "included; grad diff: max |g_rank − g_0| after DDP's all-reduce (0 on 1 process; "
+          "— sharded: one copy of each gradient).")
     if args.seeds > 1:
         print("\nPPO eval reward gain (end − start) per vote seed, and RM held-out loss:")
-        for processes, threads in CONFIGS:
-            key = f"p{processes}t{threads}"
-            gains = [results[s][key]["ppo"]["reward_end"] - results[s][key]["ppo"]["reward_start"]
+        for processes, threads, sharded in CONFIGS:
+            k = key(processes, threads, sharded)
+            gains = [results[s][k]["ppo"]["reward_end"] - results[s][k]["ppo"]["reward_start"]
                      for s in results]
-            losses = [results[s][key]["rm"]["heldout_loss"] for s in results]
-            print(f"{label(processes, threads)}  gain "
+            losses = [results[s][k]["rm"]["heldout_loss"] for s in results]
+            print(f"{label(processes, threads, sharded)}  gain "
                   + " ".join(f"{g:+.3f}" for g in gains) + f"  mean {sum(gains) / len(gains):+.3f}"
                   + "   RM loss " + " ".join(f"{x:.4f}" for x in losses))
 
 
-def label(processes: int, threads: int) -> str:
-    return f"{processes} proc × {threads} thread{'s' if threads > 1 else ' '}"
+def key(processes: int, threads: int, sharded: bool) -> str:
+    return f"p{processes}t{threads}{'fsdp' if sharded else ''}"
+
+
+def label(processes: int, threads: int, sharded: bool) -> str:
+    return (f"{processes} proc × {threads} thread{'s' if threads > 1 else ' '}"
+            f"{' FSDP' if sharded else '     '}")
 
 if __name__ == "__main__":
     main()

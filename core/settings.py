@@ -197,7 +197,7 @@ class Settings(BaseSettings):
         1, ge=1, description="Training processes of each learner phase: above 1 the worker runs the reward model and PPO data-parallel (DDP) under `accelerate launch` (gloo on CPUs, NCCL on GPUs); PPO's rollout_batch and minibatch_size must divide by it."
     )
     learner_accelerate_config: Path | None = Field(
-        None, description="An `accelerate` config file for those processes (configs/accelerate/); default: DDP on this machine."
+        None, description="An `accelerate` config file for those processes (configs/accelerate/: `multi-gpu.yaml` DDP, `fsdp.yaml` the weights sharded, FSDP2); default: DDP on this machine."
     )
 
     # --- deploy --------------------------------------------------------------------------

@@ -44,7 +44,7 @@ from torch import nn
 
 from deploy.folders import atomic_dir
 from learner import ppo
-from learner.data_parallel import SINGLE, DataParallel
+from learner.data_parallel import SINGLE, DataParallel, whole_tensors
 from learner.precision import amp_dtype, autocast, pick_device
 from learner.presets import PPOPreset, check_processes
 from learner.prompt_pool import PromptPool
@@ -240,21 +240,38 @@ class TrainerState:
     seconds: float
 
 
-def save_checkpoint(checkpoint_dir: Path, model: Any, value_head: ValueHead,
-                    optimizer: torch.optim.Optimizer, state: TrainerState) -> Path:
+def checkpoint_tensors(trainee: nn.Module, model: Any, value_head: ValueHead,
+                       optimizer: torch.optim.Optimizer, parallel: DataParallel = SINGLE
+                       ) -> dict[str, Any]:
+    """What a checkpoint holds as tensors, whole: the adapter, the value head and the
+    optimiser state (by parameter name, torch.distributed.checkpoint's full state dict, so
+    that any number of ranks, sharded or not, can load it). Under FSDP every rank calls this
+    (the shards are gathered); rank 0's result is the complete one."""
     from peft import get_peft_model_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    lora = whole_tensors({k: v for k, v in model.state_dict().items() if ".lora_" in k})
+    return {
+        "adapter": {k: v.detach().cpu().contiguous()
+                    for k, v in get_peft_model_state_dict(model, state_dict=lora).items()},
+        "value_head": {k: v.detach().cpu().contiguous()
+                       for k, v in whole_tensors(value_head.state_dict()).items()},
+        "optimizer": get_optimizer_state_dict(trainee, optimizer, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True)) if parallel.sharded
+        else optimizer.state_dict(),
+    }
+
+
+def save_checkpoint(checkpoint_dir: Path, tensors: dict[str, Any], state: TrainerState) -> Path:
     from safetensors.torch import save_file
 
     final = checkpoint_dir / f"{CHECKPOINT_PREFIX}{state.step}"
     with atomic_dir(final, kind="ckpt") as tmp:
-        adapter = {k: v.detach().cpu().contiguous()
-                   for k, v in get_peft_model_state_dict(model).items()}
-        save_file(adapter, str(tmp / "adapter.safetensors"))
-        save_file({k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()},
-                  str(tmp / VALUE_HEAD_FILE))
+        save_file(tensors["adapter"], str(tmp / "adapter.safetensors"))
+        save_file(tensors["value_head"], str(tmp / VALUE_HEAD_FILE))
         # Resuming loads these with weights_only=True: tensors and plain containers here, the
         # rest as JSON, so a checkpoint file can never run code when it is read.
-        torch.save({"optimizer": optimizer.state_dict(), "torch_rng": state.torch_rng},
+        torch.save({"optimizer": tensors["optimizer"], "torch_rng": state.torch_rng},
                    tmp / TRAINER_STATE_FILE)
         meta = {k: v for k, v in vars(state).items() if k != "torch_rng"}
         (tmp / TRAINER_META_FILE).write_text(json.dumps(meta))
@@ -264,8 +281,8 @@ def save_checkpoint(checkpoint_dir: Path, model: Any, value_head: ValueHead,
     return final
 
 
-def load_checkpoint(folder: Path, model: Any, value_head: ValueHead,
-                    optimizer: torch.optim.Optimizer) -> TrainerState:
+def load_checkpoint_weights(folder: Path, model: Any, value_head: ValueHead) -> None:
+    """The adapter and value head, into the model before it is prepared (sharded)."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -273,9 +290,21 @@ def load_checkpoint(folder: Path, model: Any, value_head: ValueHead,
     set_peft_model_state_dict(model, load_file(str(folder / "adapter.safetensors"),
                                                device=str(device)))
     value_head.load_state_dict(load_file(str(folder / VALUE_HEAD_FILE), device=str(device)))
+
+
+def load_checkpoint_state(folder: Path, trainee: nn.Module, optimizer: torch.optim.Optimizer,
+                          parallel: DataParallel = SINGLE) -> TrainerState:
+    """The optimiser state (sharded again under FSDP) and the trainer's state."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    device = next(trainee.parameters()).device
     # weights_only: a pickle that would build any other object is refused (UnpicklingError).
     saved = torch.load(folder / TRAINER_STATE_FILE, weights_only=True, map_location=device)
-    optimizer.load_state_dict(saved["optimizer"])
+    if parallel.sharded:
+        set_optimizer_state_dict(trainee, optimizer, saved["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(saved["optimizer"])
     meta = json.loads((folder / TRAINER_META_FILE).read_text())
     version, internal, gauss = meta["python_rng"]  # random.getstate()'s tuples, as JSON lists
     meta["python_rng"] = (version, tuple(internal), gauss)
@@ -317,18 +346,23 @@ def train_policy(base_model: Path, preset: PPOPreset, reward_fn: RewardFn, pool:
     amp = amp_dtype(preset.precision, device)  # bf16 autocast of the trunk, or None
     pad_id = tokenizer.pad_token_id
     eos_id = tokenizer.eos_token_id
-    params = [p for p in model.parameters() if p.requires_grad] + list(value_head.parameters())
+    if parallel.sharded and preset.ptx_coef > 0:
+        raise ValueError("ptx_coef > 0 is not supported with FSDP: its LM loss runs outside "
+                         "the sharded training forward")
+    checkpoint = latest_checkpoint(checkpoint_dir)
+    if checkpoint is not None:  # into the whole weights, before they are sharded
+        load_checkpoint_weights(checkpoint, model, value_head)
+    trainee = parallel.prepare(PolicyWithValue(model, value_head))  # DDP/FSDP (itself if 1)
+    params = [p for p in trainee.parameters() if p.requires_grad]  # LoRA + value head
     optimizer = torch.optim.AdamW(params, lr=preset.lr, eps=ADAM_EPS, weight_decay=0.0)
-    trainee = parallel.prepare(PolicyWithValue(model, value_head))  # DDP (itself if 1)
     eval_prompts = pool.fixed(preset.eval_prompts)
     rollout = rollout_factory(tokenizer)
     try:
         # 0. Start, or resume from the last complete checkpoint of this run.
         start_step, history, seconds_before = 0, [], 0.0
-        checkpoint = latest_checkpoint(checkpoint_dir)
         state = None
         if checkpoint is not None:
-            state = load_checkpoint(checkpoint, model, value_head, optimizer)
+            state = load_checkpoint_state(checkpoint, trainee, optimizer, parallel)
             start_step, history, eval_start = state.step, state.history, state.eval_start
             seconds_before = state.seconds
             rng.setstate(state.python_rng)
@@ -337,11 +371,13 @@ def train_policy(base_model: Path, preset: PPOPreset, reward_fn: RewardFn, pool:
                 rng.seed(rank_seed + start_step)
                 torch.manual_seed(rank_seed + start_step)
             log.info("resuming PPO from %s (step %d)", checkpoint, start_step)
-            rollout.sync(model, start_step)
+            with parallel.whole(trainee):
+                rollout.sync(model, start_step)
         else:
-            rollout.sync(model, 0)
-            eval_start = evaluate_policy(model, tokenizer, rollout, reward_fn, eval_prompts,
-                                         preset, amp=amp, parallel=parallel)
+            with parallel.whole(trainee):
+                rollout.sync(model, 0)
+                eval_start = evaluate_policy(model, tokenizer, rollout, reward_fn, eval_prompts,
+                                             preset, amp=amp, parallel=parallel)
         # The KL target: absolute, or counted from where the parent already is (its KL to
         # π_ref on the evaluation prompts), so that every iteration of the loop may move
         # `kl_target` nats further than its parent instead of being pulled back to the base.
@@ -360,37 +396,38 @@ def train_policy(base_model: Path, preset: PPOPreset, reward_fn: RewardFn, pool:
             # 1. Rollout: sample one answer per prompt from the current policy.
             messages = pool.sample(rollout_batch, rng)
             prompt_ids = [encode_prompt(tokenizer, m, preset.max_prompt_tokens) for m in messages]
-            responses = rollout.generate(model, prompt_ids)
-            batch = pack(prompt_ids, responses, pad_id).to(device)
-            mask = batch.response_mask
-            generate_s = time.monotonic() - step_started
+            with parallel.whole(trainee):  # FSDP: sample and score with whole weights
+                responses = rollout.generate(model, prompt_ids)
+                batch = pack(prompt_ids, responses, pad_id).to(device)
+                mask = batch.response_mask
+                generate_s = time.monotonic() - step_started
 
-            # 2. Score: old log-probs and values (policy), reference log-probs, RM score.
-            with torch.no_grad():
-                old_logprobs, old_values, _ = policy_forward(model, value_head, batch,
-                                                             preset.temperature, amp=amp)
-                ref_logprobs = reference_logprobs(model, batch, preset.temperature, amp=amp)
-                scores = reward_fn(batch).to(device)
-                ended = torch.tensor([r[-1] == eos_id for r in responses], device=device)
-                repeated = torch.tensor([repetition_share(tokenizer.decode(
-                    r, skip_special_tokens=True)) for r in responses], device=device)
-                if preset.missing_eos_penalty is not None:
-                    scores = charge(scores, batch, torch.where(ended, 0.0,
-                                                               preset.missing_eos_penalty))
-                if preset.repetition_penalty is not None:
-                    scores = charge(scores, batch, preset.repetition_penalty * repeated)
+                # 2. Score: old log-probs and values (policy), reference log-probs, RM score.
+                with torch.no_grad():
+                    old_logprobs, old_values, _ = policy_forward(model, value_head, batch,
+                                                                 preset.temperature, amp=amp)
+                    ref_logprobs = reference_logprobs(model, batch, preset.temperature, amp=amp)
+                    scores = reward_fn(batch).to(device)
+                    ended = torch.tensor([r[-1] == eos_id for r in responses], device=device)
+                    repeated = torch.tensor([repetition_share(tokenizer.decode(
+                        r, skip_special_tokens=True)) for r in responses], device=device)
+                    if preset.missing_eos_penalty is not None:
+                        scores = charge(scores, batch, torch.where(ended, 0.0,
+                                                                   preset.missing_eos_penalty))
+                    if preset.repetition_penalty is not None:
+                        scores = charge(scores, batch, preset.repetition_penalty * repeated)
 
-                # 3. Per-token rewards r_t = −β·kl_t (+ score at the last token), then GAE.
-                rewards, kl = ppo.per_token_rewards(old_logprobs, ref_logprobs, scores, mask,
-                                                    kl_ctl.value)
-                if preset.whiten_rewards:
-                    rewards = ppo.whiten(rewards, mask, shift_mean=False,
-                                         moments=parallel.masked_moments(rewards, mask))
-                advantages, returns = ppo.gae(rewards, old_values, mask, preset.gamma,
-                                              preset.gae_lambda)
-                if preset.whiten_advantages:
-                    advantages = ppo.whiten(advantages, mask,
-                                            moments=parallel.masked_moments(advantages, mask))
+                    # 3. Per-token rewards r_t = −β·kl_t (+ score at the last token), then GAE.
+                    rewards, kl = ppo.per_token_rewards(old_logprobs, ref_logprobs, scores, mask,
+                                                        kl_ctl.value)
+                    if preset.whiten_rewards:
+                        rewards = ppo.whiten(rewards, mask, shift_mean=False,
+                                             moments=parallel.masked_moments(rewards, mask))
+                    advantages, returns = ppo.gae(rewards, old_values, mask, preset.gamma,
+                                                  preset.gae_lambda)
+                    if preset.whiten_advantages:
+                        advantages = ppo.whiten(advantages, mask,
+                                                moments=parallel.masked_moments(advantages, mask))
 
             score_s = time.monotonic() - step_started - generate_s
 
@@ -438,7 +475,8 @@ def train_policy(base_model: Path, preset: PPOPreset, reward_fn: RewardFn, pool:
             kl_ctl.update(mean_kl, preset.rollout_batch)
 
             # 6. Push the new weights to the rollout backend (vLLM: a fresh adapter name).
-            rollout.sync(model, step + 1)
+            with parallel.whole(trainee):
+                rollout.sync(model, step + 1)
 
             # 7. Report (the figures of the answers are means over every rank's).
             done = step + 1
@@ -464,17 +502,20 @@ def train_policy(base_model: Path, preset: PPOPreset, reward_fn: RewardFn, pool:
                      kl_target, kl_coef_used, row["entropy"], row["loss"], eta)
             if progress is not None:
                 progress({"phase": "policy", **row})
-            if (checkpoint_dir is not None and preset.checkpoint_every and parallel.is_main
+            if (checkpoint_dir is not None and preset.checkpoint_every
                     and done % preset.checkpoint_every == 0 and done < preset.steps):
-                if guard is not None:
-                    guard()
-                save_checkpoint(checkpoint_dir, model, value_head, optimizer, TrainerState(
-                    done, kl_ctl.value, history, eval_start, rng.getstate(),
-                    torch.get_rng_state(), seconds_before + elapsed))
+                tensors = checkpoint_tensors(trainee, model, value_head, optimizer, parallel)
+                if parallel.is_main:
+                    if guard is not None:
+                        guard()
+                    save_checkpoint(checkpoint_dir, tensors, TrainerState(
+                        done, kl_ctl.value, history, eval_start, rng.getstate(),
+                        torch.get_rng_state(), seconds_before + elapsed))
 
         # 8. Evaluate the trained policy on the same prompts and seed as at the start.
-        eval_end = evaluate_policy(model, tokenizer, rollout, reward_fn, eval_prompts, preset,
-                                   amp=amp, parallel=parallel)
+        with parallel.whole(trainee):
+            eval_end = evaluate_policy(model, tokenizer, rollout, reward_fn, eval_prompts,
+                                       preset, amp=amp, parallel=parallel)
         seconds = seconds_before + time.monotonic() - started
         samples = preset.steps * preset.rollout_batch
         metrics = {
@@ -488,9 +529,14 @@ def train_policy(base_model: Path, preset: PPOPreset, reward_fn: RewardFn, pool:
             "rollout_backend": rollout.name, "device": device.type,
             "precision": str(amp).replace("torch.", "") if amp else "fp32",
             "processes": parallel.world,
-            "grad_spread_max": max(row.get("grad_spread", 0.0) for row in history)
-            if history else 0.0,
+            "grad_spread_max": max((row["grad_spread"] for row in history
+                                    if row.get("grad_spread") is not None),
+                                   default=None if parallel.sharded else 0.0),
         }
+        if parallel.sharded:  # rank 0 checks, samples and saves it alone: whole weights
+            whole = parallel.unsharded(trainee, lambda: PolicyWithValue(*load_policy(
+                base_model, preset, parent_adapter)[:2]))
+            model, value_head = whole.policy, whole.value_head  # type: ignore[assignment]
         return PolicyTrainResult(model, value_head, tokenizer, metrics, history)
     finally:
         rollout.close()

@@ -615,12 +615,12 @@ def train_reward_model(votes: list[VoteRecord], base_model: Path, preset: Reward
         model.feature_mean.copy_(mean.float())
         model.feature_std.copy_((squares / (n - 1)).sqrt().float().clamp(min=NORM_EPS))
 
-    forward = parallel.prepare(model)  # DDP for the training forward (module itself if 1)
-    params = [p for p in model.parameters() if p.requires_grad]  # LoRA + heads
+    forward = parallel.prepare(model)  # DDP/FSDP for the training forward (itself if 1)
+    params = [p for p in forward.parameters() if p.requires_grad]  # LoRA + heads
     # The heads start from (near) zero and are a few hundred weights: at the LoRA's rate
     # they would barely move in one pass over a few hundred votes.
-    heads = {id(p) for name, p in model.named_parameters() if name.startswith(("head.",
-                                                                              "token_head."))}
+    heads = {id(p) for name, p in forward.named_parameters()
+             if name.removeprefix("module.").startswith(("head.", "token_head."))}
     # γ of the length covariate (module doc): kept outside the model, as scoring never uses
     # it; one scalar, so it gets its own fixed rate (Adam moves it about that much a step).
     length_weight = torch.tensor(fit_length_weight(train) if preset.length_control else 0.0,
@@ -659,8 +659,8 @@ def train_reward_model(votes: list[VoteRecord], base_model: Path, preset: Reward
             optimizer.zero_grad()
             loss.backward()  # DDP: the gradients are now the ranks' average
             parallel.average_gradients([length_weight] if preset.length_control else [])
-            if start == 0:  # once an epoch: the check that every rank takes the same step
-                grad_spread = max(grad_spread, parallel.gradient_spread(params))
+            if start == 0 and not parallel.sharded:  # once an epoch: every rank the same step?
+                grad_spread = max(grad_spread, parallel.gradient_spread(params) or 0.0)
             torch.nn.utils.clip_grad_norm_(params, preset.max_grad_norm)
             optimizer.step()
             step += 1
@@ -674,13 +674,15 @@ def train_reward_model(votes: list[VoteRecord], base_model: Path, preset: Reward
                 progress({"phase": "reward_model", "step": step, "total": total,
                           "loss": step_loss, "eta_s": elapsed / step * (total - step)})
             if preset.eval_every_steps and step % preset.eval_every_steps == 0 and step < total:
-                held = evaluate_pairs(model, my_held_out, pad_id, preset.batch_size, cache,
-                                      parallel)
+                with parallel.whole(model):
+                    held = evaluate_pairs(model, my_held_out, pad_id, preset.batch_size, cache,
+                                          parallel)
                 history.append({"step": step, "epoch": step / steps_per_epoch,
                                 "train_loss": step_loss, "heldout_accuracy": held["accuracy"],
                                 "heldout_calibration": held["calibration"],
                                 "heldout_loss": held["loss"]})
-        held = evaluate_pairs(model, my_held_out, pad_id, preset.batch_size, cache, parallel)
+        with parallel.whole(model):
+            held = evaluate_pairs(model, my_held_out, pad_id, preset.batch_size, cache, parallel)
         history.append({"step": step, "epoch": epoch + 1, "train_loss": epoch_loss / len(train),
                         "heldout_accuracy": held["accuracy"],
                         "heldout_calibration": held["calibration"],
@@ -693,7 +695,7 @@ def train_reward_model(votes: list[VoteRecord], base_model: Path, preset: Reward
     #    held-out figures are those after the last step.
     sample = random.Random(preset.seed).sample(train, min(len(train), NORM_SAMPLE_PAIRS))
     my_sample = [p for p in sample if id(p) in mine]
-    with torch.no_grad():
+    with torch.no_grad(), parallel.whole(model):
         scored = [pair_rewards(model, my_sample[i:i + preset.batch_size], pad_id, cache)
                   .split(len(my_sample[i:i + preset.batch_size]))
                   for i in range(0, len(my_sample), preset.batch_size)]
@@ -723,7 +725,9 @@ def train_reward_model(votes: list[VoteRecord], base_model: Path, preset: Reward
         "steps": step, "seconds": time.monotonic() - started,
         "length_weight": length_weight.item() if preset.length_control else None,
         "reward_length_corr": length_corr, "processes": parallel.world,
-        "grad_spread": grad_spread,
+        "grad_spread": None if parallel.sharded else grad_spread,  # FSDP: one copy of each
     }
+    # Under FSDP rank 0 saves it alone: whole weights.
+    model = parallel.unsharded(model, lambda: build_reward_model(base_model, preset)[0])
     model.requires_grad_(False)
     return RewardTrainResult(model, tokenizer, metrics, history)

@@ -44,6 +44,13 @@ class RolloutBackend(Protocol):
     def close(self) -> None: ...
 
 
+def adapter_weights(model: Any) -> dict[str, torch.Tensor]:
+    """The LoRA weights by name, for peft's `save_pretrained(state_dict=…)`: read from the
+    parameters, not `state_dict()`, which under FSDP reshards what `DataParallel.whole` has
+    gathered (sync runs inside it, so the parameters are whole there)."""
+    return {name: p.detach() for name, p in model.named_parameters() if ".lora_" in name}
+
+
 class TransformersRollout:
     """`generate` in the training process.
 
@@ -78,9 +85,9 @@ class TransformersRollout:
         base = model.get_base_model()  # the network with LoRA layers injected
         if self.merged is None:
             copy = AutoModelForCausalLM.from_config(base.config, dtype=dtype)
-            state = {name.replace(".base_layer.", "."): tensor
-                     for name, tensor in base.state_dict().items() if ".lora_" not in name}
-            copy.load_state_dict(state)
+            for name, tensor in base.named_parameters():  # tied weights: once, as the copy's
+                if ".lora_" not in name:
+                    copy.get_parameter(name.replace(".base_layer.", ".")).copy_(tensor)
             device = base.get_output_embeddings().weight.device
             self.merged = copy.to(device).eval().requires_grad_(False)
         for name, module in base.named_modules():
@@ -151,7 +158,7 @@ class VLLMRollout:
         # 1. Save the adapter under a fresh name: never reload new weights under an old one.
         name = f"learner-{self.run_id}-s{step}-{uuid.uuid4().hex[:6]}"
         path = self.work_dir / name
-        model.save_pretrained(path, safe_serialization=True)
+        model.save_pretrained(path, safe_serialization=True, state_dict=adapter_weights(model))
         # 2. Load it into the server.
         response = self.client.post(f"{self.url}/v1/load_lora_adapter",
                                     json={"lora_name": name, "lora_path": str(path.resolve())})

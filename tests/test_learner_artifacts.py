@@ -212,9 +212,12 @@ def test_checkpoint_resumes_with_weights_only_and_refuses_a_pickle(tiny_model_di
 
     from learner.policy_trainer import (
         TRAINER_STATE_FILE,
+        PolicyWithValue,
         TrainerState,
+        checkpoint_tensors,
         latest_checkpoint,
-        load_checkpoint,
+        load_checkpoint_state,
+        load_checkpoint_weights,
         load_policy,
         save_checkpoint,
     )
@@ -230,11 +233,19 @@ def test_checkpoint_resumes_with_weights_only_and_refuses_a_pickle(tiny_model_di
     rng.random()
     state = TrainerState(4, 0.07, [{"step": 1, "reward": 0.5, "entropy": None}],
                          {"reward": 0.1, "kl": 0.0}, rng.getstate(), torch.get_rng_state(), 2.5)
-    folder = save_checkpoint(tmp_path / "checkpoints", model, value_head, optimizer, state)
+    trainee = PolicyWithValue(model, value_head)
+    folder = save_checkpoint(tmp_path / "checkpoints",
+                             checkpoint_tensors(trainee, model, value_head, optimizer), state)
     assert latest_checkpoint(tmp_path / "checkpoints") == folder
 
+    trained = {k: v.clone() for k, v in trainee.state_dict().items()}
+    with torch.no_grad():
+        for p in params:
+            p.zero_()
+    load_checkpoint_weights(folder, model, value_head)
+    assert all(torch.equal(v, trained[k]) for k, v in trainee.state_dict().items())
     fresh = torch.optim.AdamW(params, lr=1e-3)
-    loaded = load_checkpoint(folder, model, value_head, fresh)
+    loaded = load_checkpoint_state(folder, trainee, fresh)
     assert (loaded.step, loaded.kl_coef, loaded.history, loaded.eval_start, loaded.seconds) == (
         4, 0.07, state.history, state.eval_start, 2.5)
     assert loaded.python_rng == state.python_rng
@@ -250,5 +261,5 @@ def test_checkpoint_resumes_with_weights_only_and_refuses_a_pickle(tiny_model_di
     torch.save({"optimizer": _RunsCode(marker), "torch_rng": state.torch_rng},
                folder / TRAINER_STATE_FILE)
     with pytest.raises(pickle.UnpicklingError):
-        load_checkpoint(folder, model, value_head, torch.optim.AdamW(params, lr=1e-3))
+        load_checkpoint_state(folder, trainee, torch.optim.AdamW(params, lr=1e-3))
     assert not marker.exists()

@@ -106,7 +106,7 @@ def main() -> None:
     base = first["p1t1"]
     print(f"\n{args.votes} hidden-rule votes (seed 1), model {args.model}, PPO steps "
           f"{base['ppo']['steps']}\n")
-    print(f"{'':29} {'RM acc':>7} {'RM loss':>8} {'RM s':>6} {'ratio':>6}  "
+    print(f"{'':27} {'RM acc':>7} {'RM loss':>8} {'RM s':>6} {'ratio':>6}  "
           f"{'PPO reward':>15} {'KL':>5} {'PPO s':>6} {'ans/s':>6} {'ratio':>6} {'grad diff':>9}")
     for (processes, threads, sharded), r in zip(CONFIGS, first.values(), strict=True):
         rm, ppo = r["rm"], r["ppo"]

@@ -4,7 +4,8 @@ and PPO under `accelerate launch` with 2 CPU processes (gloo), against 1 process
 (1) DDP as the trainers use it: gradients that differ across the ranks are averaged in
     backward, the same on every rank afterwards and equal to the one-process gradient;
 (2) the reward model with 2 processes reaches the 1-process held-out accuracy within 0.02
-    and loss within 5 % (the same votes, seeds and batches), and publishes once;
+    and loss within 5 % (the same votes, seeds and batches), and publishes once; its 2
+    processes started as two machines (`--num_machines 2`, on loopback);
 (3) a learner iteration through a real Celery worker with learner_processes = 2 (reward
     model, then PPO, data-parallel, progress in the task state) raises the reward as a
     1-process PPO run on the same reward model does, with the gradients equal across the
@@ -31,6 +32,7 @@ import psutil
 import pytest
 from safetensors.torch import load_file
 
+from core.net import free_port
 from core.settings import Settings
 from learner import artifacts
 from learner.celery_app import make_celery
@@ -41,7 +43,7 @@ from learner.prompt_pool import load_shipped_prompts
 from learner.trigger import start_iteration, task_status
 from learner.vote_source import write_jsonl
 from testkit.hidden_rule_votes import hidden_rule_votes, sft_tiny_base
-from testkit.processes import ROOT, settings_env, start_worker, stop_group
+from testkit.processes import ROOT, settings_env, start, start_worker, stop_group
 
 FSDP_CONFIG = ROOT / "configs/accelerate/fsdp.yaml"  # weights sharded (FSDP2 on gloo here)
 ACCURACY_TOLERANCE = 0.02  # the issue's bounds: 2 processes against 1
@@ -110,6 +112,31 @@ def run_iteration(settings: Settings, votes: Path) -> dict:
     return {**status, "phases": phases}
 
 
+def run_on_two_hosts(settings: Settings, phase: str, task_id: str, *options: str) -> dict:
+    """One learner phase as two machines of one training process each (`accelerate launch
+    --num_machines 2 --machine_rank k`, docs/deploy.md), both here on loopback: machine 0's
+    rank 0 publishes and writes the result."""
+    port, results, machines = free_port(), [], []
+    for rank in (0, 1):
+        results.append(settings.data_dir / f"host-{rank}.json")
+        argv = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                "--num_machines", "2", "--machine_rank", str(rank), "--num_processes", "2",
+                "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+                "--mixed_precision", "no", "--dynamo_backend", "no",
+                "-m", "learner.launch", phase, "--task-id", task_id,
+                "--result", str(results[-1]), *options]
+        machines.append(start(settings, argv, settings.data_dir / f"host-{rank}.log"))
+    try:
+        for rank, machine in enumerate(machines):
+            assert machine.wait(timeout=ITERATION_TIMEOUT_S) == 0, \
+                (settings.data_dir / f"host-{rank}.log").read_text()[-3000:]
+    finally:
+        for machine in machines:
+            stop_group(machine)
+    assert not results[1].exists()  # only machine 0's rank 0 writes
+    return json.loads(results[0].read_text())
+
+
 @pytest.mark.slow
 def test_ddp_averages_the_ranks_gradients() -> None:
     """Launched as the worker launches with the shipped accelerate config (on CPUs here)."""
@@ -136,8 +163,11 @@ def test_reward_model_on_two_processes_matches_one(settings: Settings, votes_fil
         monkeypatch.setenv(key, value)
     one = run_launched(with_processes(settings, 1, "one"), "reward", "rm-one",
                        votes_jsonl=votes_file)
+    # Two machines of one process each, started by hand as docs/deploy.md says (here both on
+    # loopback): the same 2-rank DDP as one launch of 2 processes (the worker's path, in the
+    # iteration test below), across hosts.
     two_settings = with_processes(settings, 2, "two")
-    two = run_launched(two_settings, "reward", "rm-two", votes_jsonl=votes_file)
+    two = run_on_two_hosts(two_settings, "reward", "rm-two", "--votes", str(votes_file))
 
     m1, m2 = one["metrics"], two["metrics"]
     assert (m1["processes"], m2["processes"]) == (1, 2)

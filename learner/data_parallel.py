@@ -133,13 +133,16 @@ class DataParallel:
 
     def unsharded(self, module: nn.Module, build: Callable[[], nn.Module]) -> nn.Module:
         """The trained module with whole weights, for what rank 0 does with it alone: itself
-        unless sharded; under FSDP `build()` (the same module, freshly loaded) given the
-        trained values of every trainable weight and buffer. Every rank must call it."""
+        unless sharded; under FSDP, on rank 0, `build()` (the same module, freshly loaded)
+        given the trained values of every trainable weight and buffer (the other ranks,
+        which do nothing more with it, get the sharded one). Every rank must call it."""
         if not self.sharded:
             return module
         trained = {name for name, p in module.named_parameters() if p.requires_grad}
         trained |= {name for name, _ in module.named_buffers()}
         state = whole_tensors({k: v for k, v in module.state_dict().items() if k in trained})
+        if not self.is_main:
+            return module
         fresh = build()
         missing = set(state) - set(fresh.state_dict())
         if missing:

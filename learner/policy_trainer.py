@@ -244,9 +244,9 @@ def checkpoint_tensors(trainee: nn.Module, model: Any, value_head: ValueHead,
                        optimizer: torch.optim.Optimizer, parallel: DataParallel = SINGLE
                        ) -> dict[str, Any]:
     """What a checkpoint holds as tensors, whole: the adapter, the value head and the
-    optimiser state (by parameter name, torch.distributed.checkpoint's full state dict, so
-    that any number of ranks, sharded or not, can load it). Under FSDP every rank calls this
-    (the shards are gathered); rank 0's result is the complete one."""
+    optimiser state (torch's own; under FSDP torch.distributed.checkpoint's full state dict,
+    by parameter name, which `load_checkpoint_state` shards again). Under FSDP every rank
+    calls this (the shards are gathered); rank 0's result is the complete one."""
     from peft import get_peft_model_state_dict
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 

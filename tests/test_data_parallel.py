@@ -51,6 +51,7 @@ LOSS_TOLERANCE = 0.05
 SAME_GRADIENT = 1e-6  # max |g_rank − g_0| after DDP's all-reduce
 SAME_RUN = 1e-3  # DDP against FSDP, 2 processes each: the same steps, summed in another order
 ITERATION_TIMEOUT_S = 300
+RESUME_STEPS = 4  # PPO steps of the resume test: a checkpoint at 2 (the tiny preset's), 2 after
 LEARNER_ENV = {"ARENA_LEARNER_ROLLOUT": "transformers", "ARENA_LEARNER_THREADS": "1",
                "ARENA_LEARNER_USER_PROMPTS": "0"}
 
@@ -253,7 +254,7 @@ def test_ppo_on_two_processes_resumes_from_rank_0s_checkpoint(
     for key, value in LEARNER_ENV.items():
         monkeypatch.setenv(key, value)
     two = with_processes(settings, 2, "resume", base_model=sft_base,
-                         learner_accelerate_config=config)
+                         learner_accelerate_config=config, learner_ppo_steps=RESUME_STEPS)
     rm = run_launched(two, "reward", "rm-resume", votes_jsonl=votes_file)["version"]
     options = ("--rm-version", rm, "--parent", "base", "--votes", str(votes_file))
     argv = launch_command(two, "policy", "ppo-resume", two.data_dir / "first.json", *options)

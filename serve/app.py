@@ -49,7 +49,6 @@ from serve.voter_address import VoterAddress
 
 log = logging.getLogger("arena.gateway")
 BACKGROUND_STOP_S = 5.0  # how long shutdown waits for the background tasks to end
-WORKER_RECHECK_S = 1.0  # while no worker answers (e.g. still starting): ping again this soon
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -185,9 +184,7 @@ async def _feedback_figures(gw: GatewayState) -> dict[str, Any]:
 
 async def _watch_worker(gw: GatewayState) -> None:
     """Ping the Celery worker in the background (a ping takes up to a second; never on the
-    request path) and keep the answer for /healthz: every worker_check_interval_s while one
-    answers, every WORKER_RECHECK_S while none does, so that /healthz turns ready within
-    about a second of the worker starting."""
+    request path) and keep the answer for /healthz."""
     celery = make_celery(gw.settings)
     while True:
         try:
@@ -195,5 +192,4 @@ async def _watch_worker(gw: GatewayState) -> None:
             gw.worker_ok = bool(replies)
         except Exception:  # noqa: BLE001
             gw.worker_ok = False
-        interval = gw.settings.worker_check_interval_s
-        await asyncio.sleep(interval if gw.worker_ok else min(interval, WORKER_RECHECK_S))
+        await asyncio.sleep(gw.settings.worker_check_interval_s)

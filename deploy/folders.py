@@ -2,10 +2,15 @@
 
 Its files are written into a hidden temp folder in the same directory
 (`.tmp-<kind>-<host>-<pid>-<random>`), fsynced, and renamed into place (`publish`: an atomic
-`rename` on one file system). A process killed half-way leaves only a hidden temp folder,
-removed by the next run on the same host (`clean_stale_temp`; a folder of another host's
-process is that host's to remove: its pid means nothing here). Names are immutable: a
-version is never rewritten under the same name (`allocate_id` skips names that exist).
+`rename` on one file system). While it is written its writer holds an exclusive `flock` on
+the folder (`temp_dir`), which the kernel drops when the writer dies, however it dies. A
+process killed half-way leaves only a hidden temp folder, removed by the next run on the same
+host (`clean_stale_temp`) once no process holds its lock: a pid alone cannot say, since two
+containers that share a hostname and the store but not a pid namespace see different
+processes under one pid. A folder of another host's process is that host's to remove (its
+pid means nothing here, and locks on a network file system are not to be trusted). Names are
+immutable: a version is never rewritten under the same name (`allocate_id` skips names that
+exist).
 
 One implementation for every writer: the learner's versions and checkpoints
 (learner/artifacts.py, learner/policy_trainer.py) and the store's imports (deploy/store.py).
@@ -13,26 +18,39 @@ One implementation for every writer: the learner's versions and checkpoints
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
 import socket
+import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 TEMP_PREFIX = ".tmp-"
 VERSION_RE = re.compile(r"^(policy|rm)-v(\d+)$")
+# A temp folder this young is left alone even when unlocked: its writer (in another pid
+# namespace) may be between creating it and locking it.
+NEWBORN_S = 10.0
 
 
-def new_temp_dir(parent: Path, kind: str) -> Path:
-    """A fresh hidden folder in `parent` named after this host and process."""
+@contextmanager
+def temp_dir(parent: Path, kind: str) -> Iterator[Path]:
+    """A fresh hidden folder in `parent` named after this host and process, locked by this
+    process until the block ends (it may be published, i.e. renamed, inside the block)."""
     parent.mkdir(parents=True, exist_ok=True)
     host = socket.gethostname().replace("-", "_") or "host"
     temp = parent / f"{TEMP_PREFIX}{kind}-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     temp.mkdir()
-    return temp
+    fd = os.open(temp, os.O_RDONLY)
+    try:
+        with suppress(OSError):  # a file system without flock: the cleaners go by the pid
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield temp
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def publish(temp: Path, final: Path) -> None:
@@ -50,17 +68,17 @@ def atomic_dir(final: Path, kind: str = "version") -> Iterator[Path]:
 
     On an exception the temp folder is removed; on SIGKILL it stays hidden (`.tmp-…`) and
     `clean_stale_temp` removes it later."""
-    temp = new_temp_dir(final.parent, kind)
-    try:
-        yield temp
-        publish(temp, final)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
+    with temp_dir(final.parent, kind) as temp:
+        try:
+            yield temp
+            publish(temp, final)
+        except BaseException:
+            shutil.rmtree(temp, ignore_errors=True)
+            raise
 
 
 def clean_stale_temp(folder: Path) -> list[Path]:
-    """Remove the temp folders in `folder` left by dead processes of this host."""
+    """Remove the temp folders in `folder` left by dead writers of this host (module doc)."""
     removed: list[Path] = []
     if not folder.is_dir():
         return removed
@@ -73,8 +91,8 @@ def clean_stale_temp(folder: Path) -> list[Path]:
         host = "-".join(parts[1:-2]) or here  # no host: written before names had one
         if host != here or (pid is not None and (pid == os.getpid() or _pid_alive(pid))):
             continue  # another host's, or still being written by a live process
-        shutil.rmtree(p, ignore_errors=True)
-        removed.append(p)
+        if _remove_unless_locked(p):
+            removed.append(p)
     return removed
 
 
@@ -106,6 +124,28 @@ def _fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_unless_locked(temp: Path) -> bool:
+    """Remove `temp` if no live process holds its lock (taking the lock first, so that no
+    writer can start on it meanwhile) and it is not newborn; False if it is kept."""
+    try:
+        if time.time() - temp.stat().st_mtime < NEWBORN_S:
+            return False
+        fd = os.open(temp, os.O_RDONLY)
+    except OSError:
+        return False  # gone already, or not ours to read
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # its writer is alive (in a pid namespace this one cannot see)
+        except OSError:
+            pass  # no flock here: the dead pid is all there is to go on
+        shutil.rmtree(temp, ignore_errors=True)
+        return True
     finally:
         os.close(fd)
 

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from core.settings import Settings
 from deploy.adapter_check import AdapterRefused, check_adapter, read_base_shape
-from deploy.folders import allocate_id, clean_stale_temp, new_temp_dir, publish
+from deploy.folders import allocate_id, clean_stale_temp, publish, temp_dir
 from deploy.manifest import (
     Manifest,
     ManifestError,
@@ -58,17 +58,17 @@ def stage(settings: Settings, registry: Registry, src_dir: Path | str,
 
     store = settings.versions_dir
     clean_stale_temp(store)  # left by a process killed while it staged
-    staging = new_temp_dir(store, "stage")
-    try:
-        names = sorted(source_manifest.files) if source_manifest else list_files(src)
-        _copy(src, staging, names)
-        manifest = _checked_manifest(settings, staging, kind, source_manifest)
-        manifest.parent = parent or manifest.parent or registry.current()
-        manifest.metrics = metrics if metrics is not None else manifest.metrics
-        version, final = _place(registry, store, staging, kind, manifest)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with temp_dir(store, "stage") as staging:
+        try:
+            names = sorted(source_manifest.files) if source_manifest else list_files(src)
+            _copy(src, staging, names)
+            manifest = _checked_manifest(settings, staging, kind, source_manifest)
+            manifest.parent = parent or manifest.parent or registry.current()
+            manifest.metrics = metrics if metrics is not None else manifest.metrics
+            version, final = _place(registry, store, staging, kind, manifest)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     return StagedVersion(id=version, kind=kind, path=final, manifest=manifest)
 
 

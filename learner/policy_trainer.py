@@ -393,10 +393,13 @@ def train_policy(base_model: Path, preset: PPOPreset, reward_fn: RewardFn, pool:
 
         for step in range(start_step, preset.steps):
             step_started = time.monotonic()
-            # 1. Rollout: sample one answer per prompt from the current policy.
+            # 1. Rollout: sample one answer per prompt from the current policy, after pushing
+            # the last update's weights to the rollout backend (vLLM: a fresh adapter name).
             messages = pool.sample(rollout_batch, rng)
             prompt_ids = [encode_prompt(tokenizer, m, preset.max_prompt_tokens) for m in messages]
-            with parallel.whole(trainee):  # FSDP: sample and score with whole weights
+            with parallel.whole(trainee):  # FSDP: sync, sample and score with whole weights
+                if step > start_step:  # the first step's weights were pushed above
+                    rollout.sync(model, step)
                 responses = rollout.generate(model, prompt_ids)
                 batch = pack(prompt_ids, responses, pad_id).to(device)
                 mask = batch.response_mask
@@ -474,11 +477,7 @@ def train_policy(base_model: Path, preset: PPOPreset, reward_fn: RewardFn, pool:
             kl_coef_used = kl_ctl.value
             kl_ctl.update(mean_kl, preset.rollout_batch)
 
-            # 6. Push the new weights to the rollout backend (vLLM: a fresh adapter name).
-            with parallel.whole(trainee):
-                rollout.sync(model, step + 1)
-
-            # 7. Report (the figures of the answers are means over every rank's).
+            # 6. Report (the figures of the answers are means over every rank's).
             done = step + 1
             elapsed = time.monotonic() - started
             eta = elapsed / (done - start_step) * (preset.steps - done)
@@ -512,8 +511,9 @@ def train_policy(base_model: Path, preset: PPOPreset, reward_fn: RewardFn, pool:
                         done, kl_ctl.value, history, eval_start, rng.getstate(),
                         torch.get_rng_state(), seconds_before + elapsed))
 
-        # 8. Evaluate the trained policy on the same prompts and seed as at the start.
+        # 7. Evaluate the trained policy on the same prompts and seed as at the start.
         with parallel.whole(trainee):
+            rollout.sync(model, preset.steps)
             eval_end = evaluate_policy(model, tokenizer, rollout, reward_fn, eval_prompts,
                                        preset, amp=amp, parallel=parallel)
         seconds = seconds_before + time.monotonic() - started

@@ -640,7 +640,8 @@ def train_reward_model(votes: list[VoteRecord], base_model: Path, preset: Reward
     steps_per_epoch = math.ceil(len(train) / preset.batch_size)
     total = preset.epochs * steps_per_epoch
     history: list[dict[str, Any]] = []
-    step, steps_started, grad_spread = 0, time.monotonic(), 0.0
+    step, steps_started = 0, time.monotonic()
+    grad_spread: float | None = 0.0  # None when sharded: one copy of each gradient entry
 
     # 3. Epochs over shuffled pairs: BT loss on Δ = r_a − r_b (top layers only).
     for epoch in range(preset.epochs):
@@ -665,8 +666,9 @@ def train_reward_model(votes: list[VoteRecord], base_model: Path, preset: Reward
             optimizer.zero_grad()
             loss.backward()  # DDP: the gradients are now the ranks' average
             parallel.average_gradients([length_weight] if preset.length_control else [])
-            if start == 0 and not parallel.sharded:  # once an epoch: every rank the same step?
-                grad_spread = max(grad_spread, parallel.gradient_spread(params) or 0.0)
+            if start == 0:  # once an epoch: every rank about to take the same step?
+                spread = parallel.gradient_spread(params)
+                grad_spread = None if spread is None else max(grad_spread or 0.0, spread)
             torch.nn.utils.clip_grad_norm_(params, preset.max_grad_norm)
             optimizer.step()
             step += 1
@@ -731,7 +733,7 @@ def train_reward_model(votes: list[VoteRecord], base_model: Path, preset: Reward
         "steps": step, "seconds": time.monotonic() - started,
         "length_weight": length_weight.item() if preset.length_control else None,
         "reward_length_corr": length_corr, "processes": parallel.world,
-        "grad_spread": None if parallel.sharded else grad_spread,  # FSDP: one copy of each
+        "grad_spread": grad_spread,
     }
     # Under FSDP rank 0 saves it alone: whole weights.
     model = parallel.unsharded(model, lambda: build_reward_model(base_model, preset)[0])

@@ -11,6 +11,8 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ import redis
 
 from core.settings import Settings
 from deploy.adapter_check import AdapterRefused
-from deploy.folders import TEMP_PREFIX
+from deploy.folders import NEWBORN_S, TEMP_PREFIX, clean_stale_temp
 from deploy.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -123,11 +125,17 @@ def test_register_copies_into_store_with_manifest(settings: Settings, registry: 
     assert second.id == "policy-v2" and registry.current() == "base"
 
 
+def _backdate(folder: Path, seconds: float) -> None:
+    then = time.time() - seconds
+    os.utime(folder, (then, then))
+
+
 def test_register_removes_what_a_killed_writer_left_on_this_host_only(
         settings: Settings, registry: Registry, lora_adapters: list[Path]) -> None:
     """Staging and the learner write through deploy/folders.py: a temp folder of a dead
     process on this host is removed at the next registration; one of a live process, or of
-    another host sharing the store (its pid means nothing here), is left alone."""
+    another host sharing the store (its pid means nothing here), or one just created (its
+    writer may not hold its lock yet), is left alone."""
     dead = subprocess.Popen(["true"])
     dead.wait()
     host = socket.gethostname().replace("-", "_")
@@ -135,14 +143,49 @@ def test_register_removes_what_a_killed_writer_left_on_this_host_only(
     left = {name: root / f"{TEMP_PREFIX}{name}" for name in (
         f"stage-{host}-{dead.pid}-0a0a0a0a",  # this host, process gone: removed
         f"rm-{host}-{os.getpid()}-0b0b0b0b",  # this host, this (live) process: kept
-        f"stage-other_host-{dead.pid}-0c0c0c0c")}  # another host's: kept
-    for folder in left.values():
+        f"stage-other_host-{dead.pid}-0c0c0c0c",  # another host's: kept
+        f"stage-{host}-{dead.pid}-0d0d0d0d")}  # process gone, but newborn: kept
+    for name, folder in left.items():
         folder.mkdir(parents=True)
         (folder / "half-written").write_text("x")
+        if not name.endswith("0d0d0d0d"):
+            _backdate(folder, 2 * NEWBORN_S)
     record = register_adapter(settings, registry, lora_adapters[0])
-    assert store_entries(settings) == sorted([record.id, left[f"rm-{host}-{os.getpid()}-0b0b0b0b"]
-                                              .name, left[f"stage-other_host-{dead.pid}-0c0c0c0c"]
-                                              .name])
+    assert store_entries(settings) == sorted(
+        [record.id, *(folder.name for name, folder in left.items() if "0a0a0a0a" not in name)])
+
+
+# A writer that creates a temp folder, says where, and keeps writing it.
+WRITER = """import sys, time
+from pathlib import Path
+from deploy.folders import temp_dir
+with temp_dir(Path(sys.argv[1]), "stage") as temp:
+    print(temp, flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_live_writer_keeps_its_temp_folder_whatever_pid_its_name_shows(tmp_path: Path) -> None:
+    """Two containers that share a hostname and the store but not a pid namespace: a live
+    writer's folder can name a pid that is dead here. The writer's lock keeps the folder; once
+    the writer is killed (-9) the kernel drops the lock and the next clean removes it."""
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
+    try:
+        assert writer.stdout is not None
+        temp = Path(writer.stdout.readline().strip())
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        kind, host, _pid, random = temp.name[len(TEMP_PREFIX):].split("-")
+        seen_from_elsewhere = temp.with_name(f"{TEMP_PREFIX}{kind}-{host}-{dead.pid}-{random}")
+        temp.rename(seen_from_elsewhere)  # the lock is the folder's, not its name's
+        _backdate(seen_from_elsewhere, 2 * NEWBORN_S)
+        assert clean_stale_temp(tmp_path) == [] and seen_from_elsewhere.is_dir()
+    finally:
+        writer.kill()
+        writer.wait()
+    assert clean_stale_temp(tmp_path) == [seen_from_elsewhere]
+    assert not seen_from_elsewhere.exists()
 
 
 def test_register_keeps_the_source_manifest(settings: Settings, registry: Registry,

@@ -125,6 +125,8 @@ def test_killed_worker_leaves_no_partial_checkpoint_and_resumes(
     stale = settings.versions_dir / f"{folders.TEMP_PREFIX}policy-999999-deadbeef"
     stale.mkdir()
     (stale / "adapter_model.safetensors").write_bytes(b"half")
+    then = time.time() - 2 * folders.NEWBORN_S  # not a folder a writer has just created
+    os.utime(stale, (then, then))
 
     # The re-delivered task (same id) resumes from step 4 and publishes one complete version.
     result = run_policy(settings, "task-policy", registry=registry)

@@ -10,8 +10,11 @@ its voters while an iteration trains (`pause_while_learning`: on 2 cores its gen
 would halve the learner's speed) and stops once two policy versions were decided.
 
 Asserted: each iteration registered a candidate that passed the adapter checks; each
-candidate battled the earlier versions; auto-promotion promoted it once its lower bound
-cleared the current version's rating, and the next iteration started from it; the last
+candidate battled the earlier versions; auto-promotion promoted policy-v1 once its lower bound
+cleared base's rating, and each later candidate once its bound cleared its parent's, or
+rejected it after the product's vote budget when it did not (a strong policy-v1 leaves
+policy-v2 mostly ties against it: about one run in seven; the rule, not the learner's luck, is
+what this test checks); each iteration started from the version current then; the last
 version's Bradley-Terry interval lies above base's; the archive holds exactly the votes the
 crowd cast. On failure the message carries the timeline (where the time went).
 """
@@ -199,21 +202,27 @@ def test_two_loop_iterations_driven_by_the_simulated_crowd(
         for earlier in ["base", *versions[:i]]:
             assert pairs[tuple(sorted((version, earlier)))] > 0, (version, earlier, pairs)
 
-    # (3) Auto-promotion promoted each once its bound cleared, and the next iteration
-    # started from the new current.
-    assert registry.current() == versions[-1], why
+    # (3) Auto-promotion promoted each once its bound cleared (policy-v1 must: it is what the
+    # crowd's judge rewards over base) or rejected it after the vote budget, and the next
+    # iteration started from the version current then.
     parent = "base"
     for version, record in records.items():
         assert record.parent == parent, (version, record.parent)
-        assert record.promoted_by == PROMOTE_ACTOR, (version, record)
         decision = json.loads(client.hget(DECISIONS_KEY, version))
-        assert decision["decision"] == "promote", decision
         assert decision["battles"] >= LOOP_MIN_BATTLES and decision["lower"] is not None
-        assert [line for line in audit if line["action"] == "promote"
-                and line["version"] == version and line["actor"] == PROMOTE_ACTOR], audit
         if parent != "base":  # trained only once its parent was current
             assert record.created_at > records[parent].promoted_at
+        if decision["decision"] == "reject" and parent != "base":
+            assert decision["battles"] >= LOOP_MAX_BATTLES, decision
+            assert decision["reason"].startswith(f"rejected: not better than {parent}"), decision
+            assert record.promoted_at is None and record.state == "retired", record
+            continue
+        assert decision["decision"] == "promote", (decision, why)
+        assert record.promoted_by == PROMOTE_ACTOR, (version, record)
+        assert [line for line in audit if line["action"] == "promote"
+                and line["version"] == version and line["actor"] == PROMOTE_ACTOR], audit
         parent = version
+    assert registry.current() == parent, why
 
     # (4) The last version's interval is above base's (the stored fit of record).
     fit = load_fit(client)

@@ -11,10 +11,10 @@
                  rule-based penalties at the last token: a cut-off answer
                  (missing_eos_penalty), repeated word 3-grams (repetition_penalty × share)
 
-One PPO step: sample answers (rollout backend) → one no-grad pass each of policy (old
-log-probs, values), reference and reward model → per-token rewards → GAE → a few epochs of
-clipped-surrogate + clipped-value updates on minibatches → adapt β → push the new adapter
-to the rollout backend. Resumable: every `checkpoint_every` steps the full state (adapter,
+One PPO step: push the last update's adapter to the rollout backend → sample answers →
+one no-grad pass each of policy (old log-probs, values), reference and reward model →
+per-token rewards → GAE → a few epochs of clipped-surrogate + clipped-value updates on
+minibatches → adapt β. Resumable: every `checkpoint_every` steps the full state (adapter,
 value head, optimiser, β, RNG, history) is written atomically; a re-run resumes there.
 
 Data-parallel (`parallel`, learner/data_parallel.py, under `accelerate launch`): every rank

@@ -39,7 +39,8 @@ NEWBORN_S = 10.0
 @contextmanager
 def temp_dir(parent: Path, kind: str) -> Iterator[Path]:
     """A fresh hidden folder in `parent` named after this host and process, locked by this
-    process until the block ends (it may be published, i.e. renamed, inside the block)."""
+    process until the block ends (it may be published, i.e. renamed, inside the block) and
+    removed if the block raises (on SIGKILL it stays: `clean_stale_temp`)."""
     parent.mkdir(parents=True, exist_ok=True)
     host = socket.gethostname().replace("-", "_") or "host"
     temp = parent / f"{TEMP_PREFIX}{kind}-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -49,6 +50,9 @@ def temp_dir(parent: Path, kind: str) -> Iterator[Path]:
         with suppress(OSError):  # a file system without flock: the cleaners go by the pid
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         yield temp
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)  # still locked: no cleaner races us
+        raise
     finally:
         os.close(fd)  # releases the lock
 
@@ -69,12 +73,8 @@ def atomic_dir(final: Path, kind: str = "version") -> Iterator[Path]:
     On an exception the temp folder is removed; on SIGKILL it stays hidden (`.tmp-…`) and
     `clean_stale_temp` removes it later."""
     with temp_dir(final.parent, kind) as temp:
-        try:
-            yield temp
-            publish(temp, final)
-        except BaseException:
-            shutil.rmtree(temp, ignore_errors=True)
-            raise
+        yield temp
+        publish(temp, final)
 
 
 def clean_stale_temp(folder: Path) -> list[Path]:

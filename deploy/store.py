@@ -58,17 +58,13 @@ def stage(settings: Settings, registry: Registry, src_dir: Path | str,
 
     store = settings.versions_dir
     clean_stale_temp(store)  # left by a process killed while it staged
-    with temp_dir(store, "stage") as staging:
-        try:
-            names = sorted(source_manifest.files) if source_manifest else list_files(src)
-            _copy(src, staging, names)
-            manifest = _checked_manifest(settings, staging, kind, source_manifest)
-            manifest.parent = parent or manifest.parent or registry.current()
-            manifest.metrics = metrics if metrics is not None else manifest.metrics
-            version, final = _place(registry, store, staging, kind, manifest)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+    with temp_dir(store, "stage") as staging:  # removed if anything below raises
+        names = sorted(source_manifest.files) if source_manifest else list_files(src)
+        _copy(src, staging, names)
+        manifest = _checked_manifest(settings, staging, kind, source_manifest)
+        manifest.parent = parent or manifest.parent or registry.current()
+        manifest.metrics = metrics if metrics is not None else manifest.metrics
+        version, final = _place(registry, store, staging, kind, manifest)
     return StagedVersion(id=version, kind=kind, path=final, manifest=manifest)
 
 
